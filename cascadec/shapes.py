@@ -1,0 +1,116 @@
+"""Decoder shapes and their exact parameter counts; the one place that knows the arithmetic.
+
+Pure Python (no torch): the compiler, the runtime and the tests all count parameters here,
+so a pruned checkpoint's ``numel`` sum and the plan's figure can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Decoder families the runtime can load and cut. `mistral3` is the text tower of the Mistral 3
+# vision-language model (its vision tower is carried along and not counted here).
+FAMILIES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "mistral3")
+
+# HF `model_type` -> cascadec family. `ministral` (Ministral 8B 2410) has Mistral's layout.
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "ministral": "mistral",
+    "ministral3": "ministral3",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "mistral3": "mistral3",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """The axes of a SwiGLU, RMSNorm, GQA decoder that pruning can change."""
+
+    family: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    def replace(self, **changes) -> "Shape":
+        return dataclasses.replace(self, **changes)
+
+    def axes(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def layer_params(s: Shape) -> int:
+    """Parameters in one decoder layer."""
+    q = s.heads * s.head_dim
+    kv = s.kv_heads * s.head_dim
+    attention = s.hidden * q + 2 * s.hidden * kv + q * s.hidden
+    if s.family == "qwen2":  # q/k/v projections carry a bias
+        attention += q + 2 * kv
+    if s.family == "qwen3":  # per-head RMSNorm on queries and keys
+        attention += 2 * s.head_dim
+    mlp = 3 * s.hidden * s.ffn
+    norms = 2 * s.hidden
+    return attention + mlp + norms
+
+
+def embedding_params(s: Shape) -> int:
+    """Input embedding plus LM head (one matrix when tied)."""
+    return s.vocab * s.hidden * (1 if s.tied_embeddings else 2)
+
+
+def param_count(s: Shape) -> int:
+    """Exact parameter count of the text decoder: layers, embeddings, final norm.
+
+    Reproduces the published counts: Mistral Small 3.1 text model 23,572,403,200 and
+    Ministral 3 14B 13,506,073,600.
+    """
+    return s.layers * layer_params(s) + embedding_params(s) + s.hidden
+
+
+def from_hf_config(config: dict) -> Shape:
+    """Read a Shape from a Hugging Face ``config.json`` mapping (text tower for Mistral 3).
+
+    Raises ValueError with a readable message for an unsupported ``model_type``.
+    """
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        supported = ", ".join(sorted(HF_MODEL_TYPES))
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported}")
+    family = HF_MODEL_TYPES[model_type]
+    text = config.get("text_config", config) if family == "mistral3" else config
+    heads = int(text["num_attention_heads"])
+    hidden = int(text["hidden_size"])
+    head_dim = text.get("head_dim") or hidden // heads
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return Shape(
+        family=family,
+        layers=int(text["num_hidden_layers"]),
+        hidden=hidden,
+        ffn=int(text["intermediate_size"]),
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        vocab=int(text["vocab_size"]),
+        tied_embeddings=bool(tied),
+    )
+
+
+def hf_config_updates(s: Shape) -> dict:
+    """The ``config.json`` keys (of the text config for Mistral 3) that carry a Shape."""
+    return {
+        "num_hidden_layers": s.layers,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.ffn,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.head_dim,
+        "vocab_size": s.vocab,
+        "tie_word_embeddings": s.tied_embeddings,
+    }
