@@ -114,3 +114,57 @@ def hf_config_updates(s: Shape) -> dict:
         "vocab_size": s.vocab,
         "tie_word_embeddings": s.tied_embeddings,
     }
+
+
+def solve(
+    source: Shape,
+    target: int,
+    *,
+    fixed: dict,
+    axes: tuple[str, ...],
+    tolerance: float,
+    multiple_of: dict,
+) -> Shape | None:
+    """The shape nearest ``target`` parameters reachable by shrinking ``axes`` of ``source``.
+
+    Deterministic. For every (layers, hidden) candidate the FFN width is solved in closed form
+    (parameters are linear in it) and rounded to its multiple. Among shapes within
+    ``tolerance``, prefer the most uniform cut (smallest largest per-axis shrink: Minitron
+    and ModelOpt cap depth and width pruning), then the smallest error, then the larger
+    shape. Returns None when no shape is within tolerance.
+    """
+    base = source.replace(**fixed)
+
+    def options(axis: str) -> list[int]:
+        top = getattr(base, axis)
+        if axis not in axes:
+            return [top]
+        if axis == "layers":
+            return list(range(1, top + 1))
+        step = multiple_of.get(axis, 1)
+        vals = list(range(step, top + 1, step))
+        return vals if top in vals else vals + [top]
+
+    best = None
+    for layers in options("layers"):
+        for hidden in options("hidden"):
+            trial = base.replace(layers=layers, hidden=hidden)
+            if "ffn" in axes:
+                unit = max(1, multiple_of.get("ffn", 1))
+                slope = layers * 3 * hidden  # parameters per FFN channel
+                fixed_part = param_count(trial.replace(ffn=0))
+                exact = (target - fixed_part) / slope if slope else 0
+                lo = int(exact // unit) * unit
+                cands = sorted({min(max(unit, c), base.ffn) for c in (lo, lo + unit)})
+            else:
+                cands = [base.ffn]
+            for ffn in cands:
+                shape = trial.replace(ffn=ffn)
+                err = abs(param_count(shape) - target) / target
+                if err > tolerance:
+                    continue
+                shrink = max(1 - getattr(shape, a) / getattr(source, a) for a in ("layers", "hidden", "ffn"))
+                key = (round(shrink, 9), round(err, 12), -shape.layers, -shape.hidden, -shape.ffn)
+                if best is None or key < best[0]:
+                    best = (key, shape)
+    return None if best is None else best[1]

@@ -1,0 +1,265 @@
+"""Pass 4 — checks: FamilySpec -> every semantic diagnostic (errors and warnings), all at once.
+
+Cross-object rules live here and only here: references, names, cycles, shapes, vocabularies,
+budgets. Each rule has a stable code; each message points at what the user wrote.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from . import resolve
+from .diagnostics import Diagnostic, did_you_mean
+from .shapes import param_count
+from .source import Document
+from .spec import FamilySpec, Share
+
+RESERVED = {"pruned", "control"}
+
+
+def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+
+    def diag(code, message, at, help=None, *, key=False, severity="error", notes=()):
+        out.append(Diagnostic(code=code, message=message, path=doc.path, span=doc.span(at, key=key),
+                              help=help, severity=severity, notes=tuple(notes)))
+
+    cps = resolve.checkpoints(spec)
+    refs = sorted(cps)
+
+    def unknown(code, what, ref, at, choices=refs):
+        hint = did_you_mean(ref, choices)
+        diag(code, f"unknown {what} '{ref}'", at,
+             (hint + " " if hint else "") + f"known: {', '.join(sorted(choices)) or 'none'}")
+
+    # -- names ------------------------------------------------------------------------------
+    seen = dict.fromkeys(spec.models, "a model")
+    for c in spec.children:
+        if c.name in seen:
+            diag("CSC205", f"duplicate name '{c.name}': it is already {seen[c.name]}", (*c.at, "name"),
+                 "models and children share one namespace; rename one of them")
+        seen[c.name] = "a child"
+        names: set = set()
+        for p in c.phases:
+            if p.name in names or p.name in RESERVED:
+                diag("CSC205", f"duplicate phase name '{p.name}' in child '{c.name}'", (*p.at, "name"),
+                     "phase names are unique per child; 'pruned' and 'control' are reserved")
+            names.add(p.name)
+        for vname, steps in c.variants:
+            if vname in names or vname in RESERVED:
+                diag("CSC205", f"variant '{vname}' of child '{c.name}' has the name of a phase", (*c.at, "variants", vname),
+                     "give the variant and the phase different names", key=True)
+            step_names: set = set()
+            for s in steps:
+                if s.name in step_names:
+                    diag("CSC205", f"duplicate step name '{s.name}' in variant '{vname}'", (*s.at,),
+                         "two steps of one kind need explicit, distinct `name:`s")
+                step_names.add(s.name)
+
+    # -- data and judges --------------------------------------------------------------------
+    data_names = sorted(spec.data)
+    for d in spec.data.values():
+        for src in d.mix:
+            if src not in spec.data:
+                unknown("CSC203", "data source", src, (*d.at, "mix", src), data_names)
+        if d.kind == "mix" and not d.mix:
+            diag("CSC222", f"data '{d.name}' is a mix with no `mix:` sources", d.at, "add `mix: {source: weight}`")
+        if d.kind == "builtin" and not d.builtin:
+            diag("CSC222", f"data '{d.name}' is builtin but names no corpus", d.at, "add `builtin: stdlib` (or arithmetic)")
+        if d.kind in ("text", "jsonl", "parquet", "tokenized") and not d.paths:
+            diag("CSC222", f"data '{d.name}' of kind {d.kind} has no `paths`", d.at, "add `paths: [data/*.jsonl]`")
+
+    def check_data(name, at):
+        if name is not None and name not in spec.data:
+            unknown("CSC203", "data source", name, at, data_names)
+
+    for j in spec.judges.values():
+        if j.kind in ("pairwise_model", "rubric_model") and j.model is None:
+            diag("CSC222", f"judge '{j.name}' of kind {j.kind} needs a `model`", j.at, "add `model: <a model name>`")
+        if j.model is not None and resolve.lookup(j.model, cps) is None:
+            unknown("CSC201", "model", j.model, (*j.at, "model"))
+
+    # -- models -----------------------------------------------------------------------------
+    for m in spec.models.values():
+        if m.bootstrap is not None:
+            check_data(m.bootstrap.data, (*m.bootstrap.at, "data"))
+        if m.arch is None and ("hub" in m.source or "bootstrap" in m.source):
+            diag("CSC216", f"model '{m.name}' has no architecture", m.at,
+                 "add `arch:` (layers, hidden, ffn, heads, kv_heads, vocab, ...); the compiler does not download configs")
+        elif m.arch is None:
+            diag("CSC216", f"model '{m.name}': cannot read {m.source['path']}/config.json and no `arch:` is given",
+                 (*m.at, "source", "path"), "add `arch:` or point `path` at a Hugging Face checkpoint directory")
+    for m_name, raw in doc.data.get("models", {}).items():
+        arch = raw.get("arch") if isinstance(raw, dict) else None
+        if isinstance(arch, dict):
+            _check_heads(diag, arch, ("models", m_name, "arch"))
+
+    # -- prune_from: references and cycles --------------------------------------------------
+    owner_graph = nx.DiGraph()
+    for c in spec.children:
+        src = resolve.lookup(c.prune_from, cps)
+        if src is None:
+            unknown("CSC201", "checkpoint", c.prune_from, (*c.at, "prune_from"))
+            continue
+        owner = src.model or src.child
+        owner_graph.add_edge(owner, c.name)
+        if src.model is None and src.ref.count("/") == 2:
+            diag("CSC218", f"child '{c.name}' is pruned from a post-trained checkpoint '{c.prune_from}'",
+                 (*c.at, "prune_from"), "cascades prune a base checkpoint (Ministral 3: the short-context one)",
+                 severity="warning")
+    for cycle in sorted(nx.simple_cycles(owner_graph), key=lambda cy: sorted(cy)):
+        start = min(cycle)
+        i = cycle.index(start)
+        ring = cycle[i:] + cycle[:i]
+        child = next(c for c in spec.children if c.name == ring[0])
+        diag("CSC206", "prune_from cycle: " + " -> ".join([*ring, ring[0]]), (*child.at, "prune_from"),
+             "a child must be cut from a model or from an earlier child")
+
+    # -- shapes -----------------------------------------------------------------------------
+    shapes = resolve.shapes(spec, cps)
+    for c in spec.children:
+        src = resolve.lookup(c.prune_from, cps)
+        source = shapes.get(src.model or src.child) if src else None
+        if source is None:
+            continue
+        target = shapes.get(c.name)
+        at = c.shape.at
+        for axis, value in c.shape.explicit.items():
+            if axis != "tied_embeddings" and value > getattr(source, axis):
+                diag("CSC207", f"child '{c.name}' grows {axis} from {getattr(source, axis)} to {value}",
+                     (*at, axis), f"pruning only shrinks; set {axis} <= {getattr(source, axis)} or leave it out")
+            if axis == "tied_embeddings" and source.tied_embeddings and not value:
+                diag("CSC207", f"child '{c.name}' unties embeddings that are tied in '{c.prune_from}'",
+                     (*at, axis), "an untied head cannot be cut from a tied one; remove `tied_embeddings: false`")
+        if c.shape.params is not None:
+            if target is None:
+                diag("CSC213", f"no shape of '{c.name}' within {c.shape.tolerance:.0%} of "
+                     f"{c.shape.params:,} parameters (source has {param_count(source):,})", (*at, "params"),
+                     f"allow more axes (`solve.axes`), raise `solve.tolerance`, or pick a target between "
+                     f"{param_count(source.replace(layers=1, hidden=256 if source.hidden >= 256 else source.hidden, ffn=256 if source.ffn >= 256 else source.ffn)):,} and {param_count(source):,}")
+            elif c.shape.params > param_count(source):
+                diag("CSC207", f"child '{c.name}' targets {c.shape.params:,} parameters, more than its source's {param_count(source):,}",
+                     (*at, "params"), "a child must be smaller than what it is cut from")
+        if target is None:
+            continue
+        merged = dict(c.shape.explicit)
+        _check_heads(diag, {"heads": target.heads, "kv_heads": target.kv_heads, "hidden": target.hidden,
+                            "head_dim": target.head_dim, **merged}, at)
+        if (target.heads, target.kv_heads) != (source.heads, source.kv_heads):
+            method = c.methods.get("heads", "none")
+            if method == "none":
+                diag("CSC219", f"child '{c.name}' changes attention heads but `pruning.heads` is none", at,
+                     "set `pruning: {heads: query}` (query heads within groups) or `kv_groups`")
+            elif method == "query" and target.kv_heads != source.kv_heads:
+                diag("CSC219", f"child '{c.name}' changes kv_heads, which `pruning.heads: query` keeps", at,
+                     "use `pruning: {heads: kv_groups}` to drop whole KV groups")
+        shrinks = [a for a in ("layers", "hidden", "ffn") if getattr(target, a) < getattr(source, a)]
+        if shrinks and c.calibration["calibration.data"] is None:
+            diag("CSC219", f"child '{c.name}' is pruned ({', '.join(shrinks)}) but no calibration data is named",
+                 (*c.at, "pruning"), "add `pruning: {calibration: {data: <a data source>}}` or `defaults: {calibration: {data: ...}}`")
+        check_data(c.calibration["calibration.data"], (*c.at, "pruning", "calibration", "data"))
+        removed = 1 - param_count(target) / param_count(source)
+        if removed > 0.5:
+            diag("CSC220", f"child '{c.name}' removes {removed:.0%} of the parameters of '{c.prune_from}' in one step",
+                 at, "Minitron and ModelOpt advise iterating at ~30% per step: add an intermediate child",
+                 severity="warning")
+
+    # -- trainings: references, teachers, budgets ---------------------------------------------
+    shares = []
+    for c, variant, t, ref in resolve.trainings(spec):
+        check_data(t.data, (*t.at, "data"))
+        start = resolve.starts(c)[ref]
+        if start is None:
+            diag("CSC218", f"the first step of variant '{variant}' of '{c.name}' does not say where it starts",
+                 t.at, f"add `from:` (e.g. `from: {c.phases[-1].name}`, the long-context base)")
+        else:
+            cp = resolve.lookup(start, cps, c)
+            if cp is None:
+                unknown("CSC204", "checkpoint", start, (*t.at, "from"))
+            elif cp.order >= cps[ref].order:
+                diag("CSC218", f"'{ref}' starts from '{start}', which comes after it", (*t.at, "from"),
+                     "start from an earlier phase or step")
+        student = shapes.get(c.name)
+        if t.teacher is not None:
+            tcp = resolve.lookup(t.teacher, cps, c)
+            if tcp is None:
+                unknown("CSC202", "teacher", t.teacher, (*t.at, "teacher"))
+            else:
+                teacher = shapes.get(tcp.model or tcp.child)
+                if teacher is not None and student is not None:
+                    if teacher.vocab != student.vocab:
+                        diag("CSC210", f"teacher '{t.teacher}' has a vocabulary of {teacher.vocab:,} but student "
+                             f"'{c.name}' has {student.vocab:,}", (*t.at, "teacher"),
+                             "logit distillation needs one tokenizer; pick a teacher of the same vocabulary")
+                    elif param_count(teacher) < param_count(student):
+                        diag("CSC214", f"teacher '{t.teacher}' ({param_count(teacher):,} parameters) is smaller than "
+                             f"its student '{c.name}' ({param_count(student):,})", (*t.at, "teacher"),
+                             "distillation usually needs a larger teacher", severity="warning")
+        elif t.kind == "distill":
+            diag("CSC202", "a distillation phase needs a teacher", t.at, "add `teacher: <model>`")
+        if t.kind in ("distill", "sft", "dpo") and t.tokens is None:
+            diag("CSC222", f"{t.kind} '{ref}' has no token budget", t.at, "add `tokens: 250B` (or a share such as `30%`)")
+        if t.kind in ("distill", "sft", "dpo") and not t.seq_len:
+            diag("CSC222", f"{t.kind} '{ref}' has no sequence length", t.at, "add `seq_len: 4096`")
+        if t.kind in ("odpo", "grpo"):
+            if t.prompts is None:
+                diag("CSC222", f"{t.kind} '{ref}' has no prompt budget", t.at, "add `prompts: 100K`")
+            judges = [t.options["judge"]] if "judge" in t.options else list(t.options.get("rewards", []))
+            if not judges:
+                diag("CSC222", f"{t.kind} '{ref}' names no {'judge' if t.kind == 'odpo' else 'rewards'}", t.at,
+                     "add `judge: <name>`" if t.kind == "odpo" else "add `rewards: [<judge>, ...]`")
+            for j in judges:
+                if j not in spec.judges:
+                    unknown("CSC217", "judge", j, (*t.at, "judge" if "judge" in t.options else "rewards"), sorted(spec.judges))
+        if isinstance(t.tokens, Share):
+            if spec.budget_tokens is None:
+                diag("CSC215", f"'{ref}' asks for a share of the family budget, but `budget.tokens` is not set",
+                     (*t.at, "tokens"), "add `budget: {tokens: 3T}` at the top level, or give an absolute count")
+            else:
+                shares.append((t, ref))
+        n = resolve.steps(t, spec)
+        if n == 0:
+            total = resolve.budget(t, spec)
+            per = t.settings["batch.global"] if t.kind in ("odpo", "grpo") else t.seq_len * t.settings["batch.global"]
+            what = f"{t.prompts:,} prompts" if t.kind in ("odpo", "grpo") else f"{total:,} tokens"
+            diag("CSC212", f"{what} give zero steps for '{ref}' ({per:,} per step)",
+                 (*t.at, "prompts" if t.kind in ("odpo", "grpo") else "tokens"),
+                 "raise the budget or lower `seq_len` / `batch.global`")
+
+    total = 0
+    for t, ref in shares:
+        total += t.tokens.fraction
+        if total > 1:
+            diag("CSC211", f"token shares add up to {float(total):.0%} of the family budget at '{ref}'",
+                 (*t.at, "tokens"), "shares of `budget.tokens` must not exceed 100%",
+                 notes=[f"{r}: {float(x.tokens.fraction):.0%}" for x, r in shares])
+            break
+
+    # -- streamed data fits ------------------------------------------------------------------
+    used: dict = {}
+    for c, variant, t, ref in resolve.trainings(spec):
+        d = spec.data.get(t.data)
+        n = resolve.steps(t, spec)
+        if d is not None and d.stream and n:
+            used[d.name] = used.get(d.name, 0) + n * t.seq_len * t.settings["batch.global"]
+            if d.tokens is not None and used[d.name] > d.tokens:
+                diag("CSC221", f"streamed data '{d.name}' has {d.tokens:,} tokens but the cascade reads "
+                     f"{used[d.name]:,} by '{ref}'", (*t.at, "tokens"),
+                     "a stream is read once; lower the budgets or declare more data")
+    if spec.eval is not None:
+        check_data(spec.eval.data, (*spec.eval.at, "data"))
+    return out
+
+
+def _check_heads(diag, arch: dict, at: tuple):
+    heads, kv = arch.get("heads"), arch.get("kv_heads")
+    if heads and kv and heads % kv:
+        diag("CSC208", f"{heads} attention heads are not divisible by {kv} kv heads", (*at, "kv_heads"),
+             "grouped-query attention needs heads to be a multiple of kv_heads")
+    hidden, head_dim = arch.get("hidden"), arch.get("head_dim")
+    if heads and hidden and head_dim is None and hidden % heads:
+        diag("CSC209", f"hidden {hidden} is not divisible by {heads} heads, and no head_dim is given",
+             (*at, "heads"), f"set `head_dim:` explicitly (e.g. {max(1, hidden // heads) // 2 * 2})")
+    if head_dim is not None and head_dim % 2:
+        diag("CSC209", f"head_dim {head_dim} is odd; rotary embeddings need an even head_dim",
+             (*at, "head_dim"), "use an even head_dim")

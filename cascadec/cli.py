@@ -1,0 +1,302 @@
+"""The `cascadec` command line. Owns argument parsing, file output and exit codes; no logic.
+
+Exit codes: 0 success, 1 spec/plan errors (or `diff`: plans differ), 2 usage errors
+(or `diff`: could not compare; `run --dry-run`: work pending). Never imports torch: the
+runtime is imported lazily inside `run`, `prune` and `report` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from . import __version__
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+def _err(message: str, help: str | None = None) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if help:
+        print(f"  = help: {help}", file=sys.stderr)
+
+
+def _print_diagnostics(diags, doc_texts: dict) -> None:
+    from .diagnostics import render_all
+
+    if diags:
+        print(render_all(diags, doc_texts), file=sys.stderr)
+
+
+def _texts(paths) -> dict:
+    out = {}
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                out[p] = f.read()
+        except (OSError, UnicodeDecodeError):
+            pass
+    return out
+
+
+def _compile(spec_path: str):
+    """Compile, printing diagnostics; returns the Result or None."""
+    from .compile import compile_file
+    from .diagnostics import CompileError
+
+    try:
+        result = compile_file(spec_path)
+    except CompileError as e:
+        _print_diagnostics(e.diagnostics, _texts([spec_path]))
+        return None
+    _print_diagnostics(result.warnings, {spec_path: result.doc.text})
+    return result
+
+
+def _write_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cascadec-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _is_plan(path: str) -> bool:
+    return path.endswith(".json")
+
+
+def load_plan_or_spec(path: str, *, replan: bool = False):
+    """(plan dict, spec path or None) for a spec or a saved plan; None after printing errors."""
+    from . import plancheck
+
+    if not _is_plan(path):
+        result = _compile(path)
+        if result is None:
+            return None
+        return dict(result.plan, spec_file=os.path.relpath(path)), path
+    plan = plancheck.load(path)
+    if isinstance(plan, str):
+        _err(plan, "regenerate it with `cascadec plan SPEC -o PLAN`")
+        return None
+    spec = os.path.normpath(os.path.join(os.path.dirname(path), plan.get("spec_file", "")))
+    if not plan.get("spec_file") or not os.path.isfile(spec):
+        _err(f"the spec this plan came from ({spec}) is missing", "keep the plan beside its spec, or re-plan")
+        return None
+    import hashlib
+
+    with open(spec, "rb") as f:
+        now = hashlib.sha256(f.read()).hexdigest()
+    if now != plan["spec_sha256"]:
+        if not replan:
+            _err(f"{spec} has changed since {path} was planned",
+                 f"review the change with `cascadec plan {spec}`, then save it again "
+                 f"(`cascadec plan {spec} -o {path}`), or pass --replan to run the new plan")
+            return None
+        result = _compile(spec)
+        if result is None:
+            return None
+        return dict(result.plan, spec_file=plan["spec_file"]), spec
+    return plan, spec
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    status = EXIT_OK
+    for path in args.specs:
+        result = _compile(path)
+        if result is None:
+            status = EXIT_ERRORS
+        else:
+            print(f"ok: {path}: family '{result.plan['family']}', {len(result.plan['stages'])} stages")
+    return status
+
+
+def cmd_plan(args) -> int:
+    from . import text
+
+    result = _compile(args.spec)
+    if result is None:
+        return EXIT_ERRORS
+    plan = result.plan
+    if args.output:
+        plan = dict(plan, spec_file=os.path.relpath(args.spec, os.path.dirname(os.path.abspath(args.output))))
+    else:
+        plan = dict(plan, spec_file=os.path.relpath(args.spec))
+    from .plan import canonical
+
+    if args.emit:
+        from . import emit
+
+        plan_ref = args.output or args.spec
+        emit.write(args.emit, emit.render(plan, os.path.relpath(plan_ref, args.emit),
+                                          args.workdir or f"runs/{plan['family']}"))
+    if args.output:
+        _write_atomic(args.output, canonical(plan))
+    if args.format == "json" and not args.output:
+        sys.stdout.write(canonical(plan))
+    else:
+        sys.stdout.write(text.table(plan, args.spec))
+        if args.output:
+            print(f"wrote {args.output}")
+        if args.emit:
+            print(f"wrote launch scripts to {args.emit}/ (run.sh, submit.sh, slurm/)")
+    return EXIT_OK
+
+
+def cmd_graph(args) -> int:
+    from . import text
+
+    result = _compile(args.spec)
+    if result is None:
+        return EXIT_ERRORS
+    sys.stdout.write(text.mermaid(result.plan) if args.format == "mermaid" else text.dot(result.plan))
+    return EXIT_OK
+
+
+def cmd_diff(args) -> int:
+    from .diff import diff
+
+    plans = []
+    for path in (args.old, args.new):
+        loaded = load_plan_or_spec(path, replan=True)
+        if loaded is None:
+            return EXIT_USAGE
+        plans.append(loaded[0])
+    old, new = ({k: v for k, v in p.items() if k != "spec_file"} for p in plans)
+    lines = diff(old, new)
+    if not lines:
+        print("plans are equal")
+        return EXIT_OK
+    print("\n".join(lines))
+    return EXIT_ERRORS
+
+
+def _workdir(args, plan) -> str:
+    return args.workdir or os.path.join("runs", plan["family"])
+
+
+def cmd_status(args) -> int:
+    from . import workspace
+
+    loaded = load_plan_or_spec(args.target, replan=True)
+    if loaded is None:
+        return EXIT_ERRORS
+    plan, spec = loaded
+    for line in workspace.status_lines(plan, _workdir(args, plan)):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    loaded = load_plan_or_spec(args.target, replan=args.replan)
+    if loaded is None:
+        return EXIT_ERRORS
+    plan, spec = loaded
+    from .runtime.executor import run_plan
+
+    return run_plan(plan, _workdir(args, plan), os.path.dirname(os.path.abspath(spec)),
+                    only=args.only or [], force=args.force or [], dry_run=args.dry_run)
+
+
+def cmd_prune(args, rest) -> int:
+    from .runtime.prune_cmd import main as prune_main
+
+    return prune_main(rest)
+
+
+def cmd_report(args) -> int:
+    loaded = load_plan_or_spec(args.target, replan=True)
+    if loaded is None:
+        return EXIT_ERRORS
+    plan, spec = loaded
+    from .runtime.report import report_cmd
+
+    return report_cmd(plan, _workdir(args, plan), fmt=args.format)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cascadec",
+        description="Compile a model-family spec into a cascade-distillation plan, and run it.",
+        epilog="exit codes: 0 success, 1 errors in the spec or plan, 2 usage errors",
+    )
+    p.add_argument("--version", action="version", version=f"cascadec {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("validate", help="check specs; print every diagnostic", description="Check one or more family specs against the schema and the semantic rules; print every diagnostic.")
+    s.add_argument("specs", nargs="+", metavar="SPEC", help="family spec files (YAML)")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("plan", help="compile a spec into a plan", description="Compile a spec into a deterministic, reviewable plan: a table of stages with tokens, steps, FLOPs and device-hours, or canonical JSON.")
+    s.add_argument("spec", metavar="SPEC", help="family spec file (YAML)")
+    s.add_argument("-o", "--output", metavar="PLAN", help="write the canonical JSON plan here (commit it; review its diffs)")
+    s.add_argument("--format", choices=("text", "json"), default="text", help="stdout format (default: text)")
+    s.add_argument("--emit", metavar="DIR", help="also render launch scripts (run.sh, submit.sh, slurm/*.sbatch) into DIR")
+    s.add_argument("--workdir", metavar="DIR", help="workspace the emitted scripts use (default: runs/FAMILY)")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("graph", help="print the stage DAG", description="Print the stage DAG as Mermaid or Graphviz DOT.")
+    s.add_argument("spec", metavar="SPEC", help="family spec file (YAML)")
+    s.add_argument("--format", choices=("mermaid", "dot"), default="mermaid", help="output format (default: mermaid)")
+    s.set_defaults(func=cmd_graph)
+
+    s = sub.add_parser("diff", help="explain the change between two plans or specs", description="Explain the change between two plans (or specs): stages added, removed, changed field by field, and the downstream stages each change invalidates. Exit 0 when equal, 1 when different, 2 when they cannot be compared.")
+    s.add_argument("old", metavar="OLD", help="plan (.json) or spec (.yaml)")
+    s.add_argument("new", metavar="NEW", help="plan (.json) or spec (.yaml)")
+    s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("run", help="execute a plan, skipping what is up to date", description="Execute a spec or saved plan stage by stage: skip what is up to date, resume what was interrupted. A saved plan whose spec has changed is refused unless --replan.")
+    s.add_argument("target", metavar="SPEC|PLAN", help="family spec (plans it first) or saved plan (.json)")
+    s.add_argument("--workdir", metavar="DIR", help="workspace (default: runs/FAMILY)")
+    s.add_argument("--only", action="append", metavar="GLOB", help="run only stages whose id matches (and their out-of-date ancestors); repeatable")
+    s.add_argument("--force", action="append", metavar="GLOB", help="rerun matching stages even when up to date; repeatable")
+    s.add_argument("--dry-run", action="store_true", help="print what would run and why; exit 0 if nothing to do, 2 if work is pending")
+    s.add_argument("--replan", action="store_true", help="with a saved plan whose spec changed: plan again and run that")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="show every stage's state (no torch)", description="Show every stage's state in the workspace and why, without loading the runtime.")
+    s.add_argument("target", metavar="SPEC|PLAN", help="family spec or saved plan (.json)")
+    s.add_argument("--workdir", metavar="DIR", help="workspace (default: runs/FAMILY)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("prune", help="prune a Hugging Face checkpoint to a shape", description="Prune a Hugging Face checkpoint directory to a target shape (see `cascadec prune --help`).", add_help=False)
+    s.set_defaults(func=None)
+
+    s = sub.add_parser("report", help="write the family report", description="Write the family report (Markdown + plots, or JSON) from a workspace.")
+    s.add_argument("target", metavar="SPEC|PLAN", help="family spec or saved plan (.json)")
+    s.add_argument("--workdir", metavar="DIR", help="workspace (default: runs/FAMILY)")
+    s.add_argument("--format", choices=("md", "json"), default="md", help="output format (default: md)")
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prune"]:
+        return cmd_prune(None, argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except OSError as e:
+        _err(f"{e.filename or ''}: {e.strerror}" if e.filename else str(e))
+        return EXIT_ERRORS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Names -> things: the family's checkpoint namespace, stage ids, and every child's shape.
+
+Shared by `checks` (to judge references) and `graph`/`plan` (to build on them). Pure.
+
+Checkpoint references:
+    model                      a model of `models` (or a bootstrapped one)
+    child/pruned               the child right after pruning
+    child/phase                a pretraining-distillation phase
+    child/variant/step         a post-training step
+Inside a child, `from` may drop the child's name (`short`, `instruct/sft`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .shapes import Shape, solve
+from .spec import ChildSpec, FamilySpec, Training
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    ref: str
+    stage: str | None  # producing stage id; None for an external model
+    model: str | None  # the model name for external models
+    child: str | None  # owning child, if any
+    order: int  # position in plan order, for "refers to a later checkpoint" checks
+
+
+def stage_id(kind: str, *parts: str) -> str:
+    return "/".join((kind, *parts))
+
+
+def training_stage_id(child: ChildSpec, t: Training, variant: str | None = None) -> str:
+    if variant is None:
+        return stage_id("distill", child.name, t.name)
+    return stage_id(t.kind, child.name, variant, t.name)
+
+
+def checkpoints(spec: FamilySpec) -> dict[str, Checkpoint]:
+    """Every checkpoint the family names, in plan order. Later duplicates do not overwrite."""
+    out: dict[str, Checkpoint] = {}
+
+    def add(ref, stage, model=None, child=None):
+        out.setdefault(ref, Checkpoint(ref=ref, stage=stage, model=model, child=child, order=len(out)))
+
+    for m in spec.models.values():
+        add(m.name, stage_id("bootstrap", m.name) if m.bootstrap else None, model=m.name)
+    for c in spec.children:
+        add(f"{c.name}/pruned", stage_id("prune", c.name), child=c.name)
+        for p in c.phases:
+            add(f"{c.name}/{p.name}", training_stage_id(c, p), child=c.name)
+        for vname, steps in c.variants:
+            for s in steps:
+                add(f"{c.name}/{vname}/{s.name}", training_stage_id(c, s, vname), child=c.name)
+        if c.control:
+            add(f"{c.name}/control", stage_id("control", c.name), child=c.name)
+    return out
+
+
+def lookup(ref: str | None, cps: dict[str, Checkpoint], child: ChildSpec | None = None) -> Checkpoint | None:
+    """Resolve a reference; inside ``child`` a local name (`short`) is tried first."""
+    if ref is None:
+        return None
+    if child is not None and f"{child.name}/{ref}" in cps:
+        return cps[f"{child.name}/{ref}"]
+    return cps.get(ref)
+
+
+def starts(child: ChildSpec) -> dict[str, str | None]:
+    """The checkpoint ref each training of a child starts from (defaults applied)."""
+    out = {}
+    previous = f"{child.name}/pruned"
+    for p in child.phases:
+        out[f"{child.name}/{p.name}"] = p.start if p.start else previous
+        previous = f"{child.name}/{p.name}"
+    for vname, steps in child.variants:
+        previous = None
+        for s in steps:
+            out[f"{child.name}/{vname}/{s.name}"] = s.start if s.start else previous
+            previous = f"{child.name}/{vname}/{s.name}"
+    return out
+
+
+def shapes(spec: FamilySpec, cps: dict[str, Checkpoint]) -> dict[str, Shape | None]:
+    """Shape of every model and child (None where unknown: a missing arch, a bad ref, a cycle,
+    an unreachable `params` target). A child's checkpoints all share the child's shape."""
+    out: dict[str, Shape | None] = {m.name: m.arch for m in spec.models.values()}
+    pending = list(spec.children)
+    for _ in range(len(pending) + 1):  # children may be listed before their source
+        rest = []
+        for c in pending:
+            src = lookup(c.prune_from, cps)
+            owner = None if src is None else (src.model or src.child)
+            if owner is not None and owner not in out and any(x.name == owner for x in pending):
+                rest.append(c)
+                continue
+            out[c.name] = child_shape(c, out.get(owner) if owner else None)
+        if len(rest) == len(pending):
+            for c in rest:
+                out[c.name] = None
+            break
+        pending = rest
+    return out
+
+
+def child_shape(c: ChildSpec, source: Shape | None) -> Shape | None:
+    if source is None:
+        return None
+    req = c.shape
+    if req.params is None:
+        return source.replace(**req.explicit)
+    return solve(source, req.params, fixed=req.explicit, axes=req.solve_axes,
+                 tolerance=req.tolerance, multiple_of=req.multiple_of)
+
+
+def budget(t: Training, spec: FamilySpec) -> int | None:
+    """A training's tokens as an absolute count (shares of the family budget resolved)."""
+    from .spec import Share
+
+    if isinstance(t.tokens, Share):
+        if spec.budget_tokens is None:
+            return None
+        return int(t.tokens.fraction * spec.budget_tokens)
+    return t.tokens
+
+
+def steps(t: Training, spec: FamilySpec) -> int | None:
+    """Optimiser steps: tokens // (seq_len x global batch); prompts // global batch for RL."""
+    per_step = t.settings["batch.global"]
+    if t.kind in ("odpo", "grpo"):
+        return None if t.prompts is None else t.prompts // per_step
+    total = budget(t, spec)
+    if total is None or not t.seq_len:
+        return None
+    return total // (t.seq_len * per_step)
+
+
+def trainings(spec: FamilySpec):
+    """(child, variant or None, training, checkpoint ref) for every training, in plan order."""
+    for c in spec.children:
+        for p in c.phases:
+            yield c, None, p, f"{c.name}/{p.name}"
+        for vname, steps_ in c.variants:
+            for s in steps_:
+                yield c, vname, s, f"{c.name}/{vname}/{s.name}"

@@ -1,0 +1,145 @@
+"""Pass 2 — schema: Document -> diagnostics from `schemas/family.schema.json`, located at line:col.
+
+JSON Schema errors are rewritten into one sentence each (what is wrong, how to fix it); the
+raw validator text is never shown. Pure: reads the packaged schema once, touches nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+
+from .diagnostics import Diagnostic, did_you_mean
+from .source import Document
+
+TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+              "number": "a number", "boolean": "true or false", "null": "null"}
+
+
+@cache
+def family_schema() -> dict:
+    return json.loads(resources.files("cascadec.schemas").joinpath("family.schema.json").read_text())
+
+
+@cache
+def _validator():
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(family_schema())
+
+
+def _type_of(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    for name, t in (("object", dict), ("array", list), ("string", str), ("integer", int), ("number", float)):
+        if isinstance(value, t):
+            return name
+    return "null"
+
+
+def _where(path) -> str:
+    parts = [str(p) if not isinstance(p, int) else f"[{p}]" for p in path]
+    return ".".join(parts).replace(".[", "[") or "the top level"
+
+
+def _leaf(error):
+    """For anyOf/oneOf, the most specific sub-error (deepest path, then not a type error)."""
+    while error.context:
+        subs = sorted(error.context, key=lambda e: (-len(e.absolute_path), e.validator == "type", str(e.message)))
+        deeper = [e for e in subs if len(e.absolute_path) > len(error.absolute_path)]
+        if not deeper:
+            return error
+        error = deeper[0]
+    return error
+
+
+def _diagnostic(doc: Document, error) -> Diagnostic:
+    error = _leaf(error)
+    path = tuple(error.absolute_path)
+    where = _where(path)
+    kind = error.validator
+    value = error.instance
+    schema = error.schema
+    span = doc.span(path)
+    help = None
+    code = "CSC105"
+    if kind == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed))
+        key = extra[0]
+        code = "CSC101"
+        message = f"unknown key '{key}' in {where}"
+        span = doc.span((*path, key), key=True)
+        hint = did_you_mean(key, allowed)
+        help = (hint + " " if hint else "") + "allowed keys: " + ", ".join(allowed)
+    elif kind == "required":
+        missing = [k for k in schema["required"] if k not in value]
+        code = "CSC102"
+        message = f"missing required key '{missing[0]}' in {where}"
+        desc = schema.get("properties", {}).get(missing[0], {}).get("description")
+        help = f"add `{missing[0]}:`" + (f" ({desc[0].lower() + desc[1:].rstrip('.')})" if desc else "")
+    elif kind == "type":
+        code = "CSC103"
+        want = schema["type"]
+        wants = " or ".join(TYPE_NAMES[t] for t in (want if isinstance(want, list) else [want]))
+        message = f"{where} must be {wants}, not {TYPE_NAMES[_type_of(value)]}"
+        if want == "object" and isinstance(value, list):
+            help = "write `key: value` lines here, not `- item` lines"
+        elif want == "array" and isinstance(value, dict):
+            help = "write a list (`- item` lines) here"
+    elif kind == "enum":
+        code = "CSC104"
+        choices = [str(c) for c in schema["enum"]]
+        message = f"{where} is '{value}', which is not one of: {', '.join(choices)}"
+        help = did_you_mean(value, choices)
+    elif kind == "const":
+        code = "CSC104"
+        message = f"{where} must be {schema['const']!r}"
+        help = f"write `{path[-1]}: {schema['const']}` (the spec language version this cascadec reads)"
+    elif kind == "pattern" and "[KMBT]" in schema["pattern"]:
+        code = "CSC104"
+        message = f"{where} is '{value}', which is not a count"
+        help = "write an integer or a number with a suffix K, M, B or T, e.g. 250B or 3T"
+    elif kind == "pattern" and "%" in schema["pattern"]:
+        code = "CSC104"
+        message = f"{where} is '{value}', which is not a token budget"
+        help = "write 250B, 3T, an integer, or a share of the family budget such as 30%"
+    elif kind == "pattern":
+        code = "CSC104"
+        message = f"{where} is '{value}', which is not a valid name or reference"
+        help = "names use lower-case letters, digits, '.', '_' and '-'; references look like `model`, `child/phase` or `child/variant/step`"
+    elif kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        code = "CSC104"
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
+        message = f"{where} is {value}; it must be {op} {schema[kind]}"
+    elif kind in ("minItems", "minProperties"):
+        code = "CSC104"
+        message = f"{where} is empty; it needs at least {schema[kind]} entr{'y' if schema[kind] == 1 else 'ies'}"
+    elif kind == "oneOf" and path[-1:] == ("source",):
+        code = "CSC104"
+        message = f"{where} must set exactly one of `hub`, `path` or `bootstrap`"
+        help = "e.g. `source: {hub: org/name}` or `source: {path: ../checkpoints/parent}`"
+    elif kind in ("anyOf", "oneOf"):
+        code = "CSC104"
+        message = f"{where} is {json.dumps(value)}, which is not allowed here"
+        help = schema.get("description")
+    elif kind == "propertyNames":
+        code = "CSC104"
+        message = f"{where} has an invalid name: {error.message}"
+        help = "names use lower-case letters, digits, '.', '_' and '-'"
+    else:
+        message = f"{where}: {error.message}"
+    return Diagnostic(code=code, message=message, path=doc.path, span=span, help=help)
+
+
+def validate(doc: Document) -> list[Diagnostic]:
+    """All schema diagnostics of the document, one per distinct error location and kind."""
+    seen = set()
+    out = []
+    for error in _validator().iter_errors(doc.data):
+        d = _diagnostic(doc, error)
+        if (d.span, d.message) not in seen:
+            seen.add((d.span, d.message))
+            out.append(d)
+    return out

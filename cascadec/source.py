@@ -1,0 +1,166 @@
+"""Pass 1 — source: bytes -> Document (plain data plus the line:col of every node).
+
+Loads YAML safely: no tags beyond YAML's core types, no duplicate keys, bounded alias
+expansion. Only this module and `cli` read files. Never raises anything but CompileError.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from .diagnostics import CompileError, Diagnostic, Span
+
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+MAX_NODES = 100_000  # alias expansion bound: a YAML "billion laughs" stops here
+MAX_BYTES = 4 * 1024 * 1024
+CORE_TAGS = {
+    "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null", "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    path: str  # as the user named it (used in diagnostics)
+    text: str
+    data: object
+    # JSON-pointer-like tuple path -> span of the value node; ("key", *path) -> span of the key
+    spans: dict = field(default_factory=dict)
+
+    def span(self, path: tuple, *, key: bool = False) -> Span | None:
+        """The span of the node at ``path`` (or of its key), else of its nearest ancestor."""
+        if key and ("key", *path) in self.spans:
+            return self.spans[("key", *path)]
+        path = tuple(path)
+        while path not in self.spans and path:
+            path = path[:-1]
+        return self.spans.get(path)
+
+
+def _span(node) -> Span:
+    start, end = node.start_mark, node.end_mark
+    end_col = end.column + 1 if end.line == start.line else None
+    return Span(line=start.line + 1, col=start.column + 1, end_col=end_col)
+
+
+def _fail(path: str, code: str, message: str, span: Span | None = None, help: str | None = None):
+    raise CompileError([Diagnostic(code=code, message=message, path=path, span=span, help=help)])
+
+
+def parse(text: str, path: str) -> Document:
+    """Parse YAML text into a Document; all failures are located CompileErrors."""
+    if not text.strip():
+        _fail(path, "CSC002", "the spec is empty",
+              help="start from specs/tiny.yaml, or run `cascadec validate` on an existing spec")
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        span = Span(line=mark.line + 1, col=mark.column + 1) if mark else None
+        problem = e.problem or e.context or "invalid YAML"
+        _fail(path, "CSC003", f"invalid YAML: {problem}", span,
+              help="check indentation and quoting near this position")
+    except yaml.YAMLError as e:
+        _fail(path, "CSC003", f"invalid YAML: {e}")
+    finally:
+        loader.dispose()
+    spans: dict = {}
+    budget = [MAX_NODES]
+
+    def build(node, at: tuple):
+        budget[0] -= 1
+        if budget[0] < 0:
+            _fail(path, "CSC006", f"the document expands to more than {MAX_NODES} nodes",
+                  _span(node), help="remove recursive or repeated YAML aliases (*name)")
+        spans[at] = _span(node)
+        if node.tag not in CORE_TAGS:
+            _fail(path, "CSC005", f"YAML tag {node.tag!r} is not allowed", _span(node),
+                  help="specs use plain YAML values; quote the value if it is a string")
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for knode, vnode in node.value:
+                if not isinstance(knode, yaml.ScalarNode):
+                    _fail(path, "CSC007", "mapping keys must be plain strings", _span(knode))
+                key = knode.value
+                if key == "<<":
+                    _fail(path, "CSC005", "YAML merge keys (<<) are not allowed", _span(knode),
+                          help="write the keys out, or use `defaults:` for shared values")
+                if key in out:
+                    _fail(path, "CSC004", f"duplicate key '{key}'", _span(knode),
+                          help=f"'{key}' is already set above in this mapping; keep one")
+                spans[("key", *at, key)] = _span(knode)
+                out[key] = build(vnode, (*at, key))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [build(v, (*at, i)) for i, v in enumerate(node.value)]
+        if node.tag == "tag:yaml.org,2002:str":
+            # YAML 1.1 reads an unquoted `1e-4` as a string; in a spec it is a number.
+            if node.style is None and _SCIENTIFIC.match(node.value):
+                return float(node.value)
+            return node.value
+        return _scalar(node)
+
+    if root is None:
+        _fail(path, "CSC002", "the spec is empty", help="a spec is a YAML mapping; see specs/tiny.yaml")
+    data = build(root, ())
+    return Document(path=path, text=text, data=data, spans=spans)
+
+
+def _scalar(node):
+    """Resolve a core-schema scalar (int, float, bool, null) the way SafeLoader would."""
+    constructor = yaml.constructor.SafeConstructor()
+    return constructor.construct_object(node, deep=True)
+
+
+def load(path: str) -> Document:
+    """Read and parse a spec file. Unreadable, oversized or non-UTF-8 files are diagnostics."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        _fail(path, "CSC001", "no such file", help="check the path; specs usually live in specs/")
+    except IsADirectoryError:
+        _fail(path, "CSC001", "is a directory, not a spec file")
+    except OSError as e:
+        _fail(path, "CSC001", f"cannot read the file: {e.strerror}")
+    if len(raw) > MAX_BYTES:
+        _fail(path, "CSC001", f"the file is larger than {MAX_BYTES // (1024 * 1024)} MiB; a spec is a small YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        _fail(path, "CSC001", f"not UTF-8 text (byte 0x{raw[e.start]:02x})", Span(line=line, col=col),
+              help="save the spec as UTF-8 YAML")
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        _fail(path, "CSC001", "the file contains NUL bytes; is it binary?", Span(line=line, col=1))
+    return parse(text, path)
+
+
+def model_configs(doc: Document) -> dict[str, dict]:
+    """`config.json` of every model whose source is a local path (relative to the spec file).
+
+    Missing or unreadable configs are simply absent: `checks` reports a model with neither a
+    readable config nor an inline `arch`.
+    """
+    import json
+    import os
+
+    base = os.path.dirname(doc.path)
+    out = {}
+    models = doc.data.get("models") if isinstance(doc.data, dict) else None
+    for name, m in (models or {}).items():
+        src = m.get("source") if isinstance(m, dict) else None
+        if isinstance(src, dict) and isinstance(src.get("path"), str) and "arch" not in m:
+            try:
+                with open(os.path.join(base, src["path"], "config.json"), encoding="utf-8") as f:
+                    out[name] = json.load(f)
+            except (OSError, ValueError):
+                continue
+    return out

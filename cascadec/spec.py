@@ -1,0 +1,134 @@
+"""The typed family spec: frozen dataclasses produced by `lower` and read by later passes.
+
+Representations only; no logic beyond trivial accessors. `at` fields are document paths,
+kept so that any later pass can point a diagnostic at the line the user wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from .shapes import Shape
+
+
+@dataclass(frozen=True)
+class Share:
+    """A token budget written as a share of the family budget (`30%`)."""
+
+    fraction: Fraction
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Resolved, flattened settings (`optimizer.lr` -> 1e-4) and where each value came from."""
+
+    values: dict
+    provenance: dict  # same keys -> "spec:<path>" | "default" | "inherited:<path>" | "assumed:<path>: <why>"
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    def group(self, prefix: str) -> dict:
+        """`group("optimizer")` -> {"lr": ..., "betas": ...}."""
+        n = len(prefix) + 1
+        return {k[n:]: v for k, v in self.values.items() if k.startswith(prefix + ".")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str
+    source: dict  # {"hub": id, "revision"?} | {"path": relpath} | {"bootstrap": {...}}
+    arch: Shape | None  # inline, or read from a local config.json
+    description: str | None
+    bootstrap: "Training | None"
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    name: str
+    kind: str
+    paths: tuple[str, ...]
+    field: str | None
+    builtin: str | None
+    split: str | None
+    mix: dict
+    stream: bool
+    tokens: int | None
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class JudgeSpec:
+    name: str
+    kind: str
+    model: str | None
+    options: dict
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class Training:
+    """One training stage as written: a pretraining phase, a post-training step, a bootstrap."""
+
+    name: str
+    kind: str  # distill | sft | dpo | odpo | grpo | bootstrap
+    start: str | None  # `from`, as written
+    teacher: str | None
+    data: str
+    tokens: int | Share | None
+    prompts: int | None
+    seq_len: int
+    options: dict  # kind-specific: rope, assistant_only, judge, rewards, beta, clip, ...
+    settings: Settings
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapeRequest:
+    explicit: dict  # axis -> value given in the spec
+    params: int | None
+    solve_axes: tuple[str, ...]
+    tolerance: float
+    multiple_of: dict
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChildSpec:
+    name: str
+    prune_from: str
+    shape: ShapeRequest
+    methods: dict  # axis -> method name
+    calibration: Settings
+    phases: tuple[Training, ...]
+    variants: tuple[tuple[str, tuple[Training, ...]], ...]
+    control: bool
+    export: bool
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec:
+    data: str
+    tokens: int
+    seq_len: int
+    at: tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilySpec:
+    path: str
+    spec_sha256: str
+    family: str
+    description: str | None
+    budget_tokens: int | None
+    from_scratch_tokens: int | None
+    hardware: Settings
+    models: dict[str, ModelSpec]
+    data: dict[str, DataSpec]
+    judges: dict[str, JudgeSpec]
+    children: tuple[ChildSpec, ...]
+    eval: EvalSpec | None
+    assumed: tuple = field(default=())  # (doc path, why) of every assumed value

@@ -1,0 +1,373 @@
+"""The workspace on disk: where stage outputs, manifests and scratch live, and whether a stage
+is up to date. Pure Python — it must never import torch (`status` and `run --dry-run` stay fast).
+
+It reads the workspace and writes nothing but manifests; running stages is `runtime/executor.py`.
+
+    WORKDIR/.cascadec.lock                  held by the one `cascadec run` at work here
+    WORKDIR/stages/<id>/...                 a stage's outputs (ids contain '/', so these nest)
+    WORKDIR/stages/<id>/manifest.json       written last: its presence means "complete"
+    WORKDIR/stages/.tmp-<safe id>-<pid>/    outputs being written (renamed into place)
+    WORKDIR/scratch/<id>/                   step checkpoints of an unfinished stage
+    WORKDIR/cache/                          tokenised data shared by all stages
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+MANIFEST = "manifest.json"
+LOCK = ".cascadec.lock"
+SCRATCH_MARK = ".cascadec-stage-hash"  # in scratch/<id>/: the stage hash the checkpoints belong to
+MANIFEST_KEYS = ("stage", "hash", "kind", "config", "launch", "inputs", "input_hashes", "outputs", "file_stats")
+
+RUN, SKIP = "run", "skip"
+# Why a stage runs or is skipped. `evaluate` checks them in this order.
+CORRUPT = "corrupt manifest"
+NEW = "new"
+INTERRUPTED = "interrupted"
+FORCED = "forced"
+CONFIG_CHANGED = "config changed"
+INPUT_CHANGED = "input changed"
+OUTPUT_MODIFIED = "output modified"
+UP_TO_DATE = "up to date"
+
+
+class WorkspaceError(Exception):
+    """A problem with the plan or the workspace, as one line for the user (no traceback)."""
+
+
+class ManifestError(WorkspaceError):
+    """A manifest that is not valid JSON or lacks a required key."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the executor will do with one stage, and why (``detail`` says which key/file/input)."""
+
+    state: str  # RUN | SKIP
+    why: str
+    detail: str = ""
+    manifest: dict | None = field(default=None, repr=False)
+    fresh_stats: dict | None = field(default=None, repr=False)
+    # Set when the outputs matched but some file's (size, mtime) moved: the cache to store back.
+
+
+# ---------------------------------------------------------------- paths
+
+
+def stage_dir(workdir: Path, stage_id: str) -> Path:
+    return Path(workdir) / "stages" / stage_id
+
+
+def scratch_dir(workdir: Path, stage_id: str) -> Path:
+    return Path(workdir) / "scratch" / stage_id
+
+
+def safe_id(stage_id: str) -> str:
+    """A stage id as one path component: `distill/a/short` -> `distill--a--short`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stage_id.replace("/", "--"))
+
+
+def temp_dir(workdir: Path, stage_id: str, tag: str = "tmp") -> Path:
+    """This process's temporary (`tmp`) or displaced (`old`) directory for a stage."""
+    return Path(workdir) / "stages" / f".{tag}-{safe_id(stage_id)}-{os.getpid()}"
+
+
+def leftovers(workdir: Path, stage_id: str) -> list[Path]:
+    """Temporary directories an earlier run of this stage left behind (killed or crashed)."""
+    root = Path(workdir) / "stages"
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(safe_id(stage_id))}-\d+")
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if pattern.fullmatch(p.name))
+
+
+def scratch_hash(workdir: Path, stage_id: str) -> str | None:
+    """The stage hash the step checkpoints in scratch/<id>/ were written for, if any."""
+    try:
+        return (scratch_dir(workdir, stage_id) / SCRATCH_MARK).read_text().strip()
+    except OSError:
+        return None
+
+
+def validate_plan(plan: dict) -> list[dict]:
+    """The plan's stages, after checking what the executor relies on to touch only the workspace:
+    unique ids that are safe relative paths and do not nest (`a/b` next to `a/b/c` would put
+    one stage's directory inside another's), topological order, outputs under `stages/<id>/`."""
+    stages = plan.get("stages") if isinstance(plan, dict) else None
+    if not isinstance(stages, list):
+        raise WorkspaceError("plan has no 'stages' list")
+    seen: set[str] = set()
+    for i, st in enumerate(stages):
+        missing = [k for k in ("id", "kind", "hash", "outputs") if not isinstance(st, dict) or k not in st]
+        if missing:
+            raise WorkspaceError(f"plan stage #{i} lacks {', '.join(map(repr, missing))}")
+        sid = st["id"]
+        parts = PurePosixPath(sid).parts if isinstance(sid, str) else ()
+        if not parts or sid.startswith("/") or "\\" in sid or any(p in (".", "..") or p.startswith(".") for p in parts):
+            raise WorkspaceError(f"plan stage id {sid!r} is not a safe relative path")
+        if sid in seen:
+            raise WorkspaceError(f"plan stage id {sid!r} appears twice")
+        for other in seen:
+            if sid.startswith(other + "/") or other.startswith(sid + "/"):
+                raise WorkspaceError(f"plan stage ids {other!r} and {sid!r} nest; one stage's directory would hold the other's")
+        for need in st.get("needs", []):
+            if need not in seen:
+                raise WorkspaceError(f"plan stage {sid!r} needs {need!r}, which is not an earlier stage")
+        prefix = f"stages/{sid}/"
+        for o in st["outputs"]:
+            rest = o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else ""
+            if rest in ("", MANIFEST) or ".." in PurePosixPath(rest).parts:
+                raise WorkspaceError(f"plan stage {sid!r}: output {o!r} must lie under {prefix} and not be its {MANIFEST}")
+        seen.add(sid)
+    return stages
+
+
+# ---------------------------------------------------------------- manifests and hashes
+
+
+def read_manifest(workdir: Path, stage_id: str) -> dict | None:
+    """The stage's manifest, None when there is none; ManifestError when it is unreadable."""
+    path = stage_dir(workdir, stage_id) / MANIFEST
+    rel = f"stages/{stage_id}/{MANIFEST}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{rel}: cannot be read ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{rel}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{rel}: not a JSON object")
+    missing = [k for k in MANIFEST_KEYS if k not in data]
+    if missing:
+        raise ManifestError(f"{rel}: missing {', '.join(map(repr, missing))}")
+    if not all(isinstance(data[k], dict) for k in ("outputs", "file_stats", "input_hashes")):
+        raise ManifestError(f"{rel}: 'outputs', 'file_stats' and 'input_hashes' must be objects")
+    return data
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON so that readers see the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(where: Path, stage: dict):
+    """(workspace-relative path, absolute path) of every file of a stage's outputs, sorted;
+    ``where`` is the directory standing for `stages/<id>/` (the real one or a temporary one)."""
+    prefix = f"stages/{stage['id']}/"
+    for out in stage["outputs"]:
+        top = Path(where) / out[len(prefix):]
+        if top.is_file():
+            yield out, top
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = Path(dirpath) / name
+                yield f"{out}/{full.relative_to(top).as_posix()}", full
+
+
+def hash_outputs(where: Path, stage: dict, known: dict | None = None) -> tuple[dict, dict]:
+    """sha256 of every file of the stage's outputs: ({path: sha256}, {path: [size, mtime_ns]}),
+    paths workspace-relative as in the plan (`stages/<id>/model/config.json`).
+
+    Checkpoints are tens of GB and `status` must stay fast, so a file is re-hashed only when
+    its (path, size, mtime_ns) differs from what ``known`` (the previous manifest) recorded:
+    the trade git's index makes — a rewrite that keeps both size and mtime_ns goes unnoticed.
+    Renaming the temporary directory into place keeps mtimes, so the cache survives it.
+    """
+    cached, stats = (known or {}).get("outputs", {}), (known or {}).get("file_stats", {})
+    hashes, new_stats = {}, {}
+    for rel, full in _files(where, stage):
+        st = full.stat()
+        stat = [st.st_size, st.st_mtime_ns]
+        hashes[rel] = cached[rel] if stats.get(rel) == stat and rel in cached else _sha256(full)
+        new_stats[rel] = stat
+    return hashes, new_stats
+
+
+def missing_outputs(where: Path, stage: dict) -> list[str]:
+    """The stage's declared outputs that do not exist under ``where`` (as for `_files`)."""
+    cut = len(f"stages/{stage['id']}/")
+    return [o for o in stage["outputs"] if not (Path(where) / o[cut:]).exists()]
+
+
+def _digest(manifest: dict | None, path: str) -> str | None:
+    """One hash for everything a stage's manifest records under ``path`` (a file or a folder)."""
+    if manifest is None:
+        return None
+    items = sorted((k, v) for k, v in manifest["outputs"].items() if k == path or k.startswith(path + "/"))
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def input_hashes(stage: dict, workdir: Path) -> dict:
+    """For each input produced by an earlier stage: that stage's hash and a digest of the
+    input's file hashes, as its manifest records them now. A stage is out of date when these
+    differ from what its own manifest recorded (e.g. an upstream stage was rerun with --force
+    and came out different); an upstream rerun that reproduces the same bytes changes nothing."""
+    result = {}
+    for inp in stage.get("inputs", []):
+        if "stage" in inp:
+            try:
+                up = read_manifest(workdir, inp["stage"])
+            except ManifestError:
+                up = None
+            result[inp["role"]] = {
+                "stage": inp["stage"],
+                "hash": up and up["hash"],
+                "sha256": _digest(up, inp["path"]),
+            }
+    return result
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def _changed_keys(old, new, prefix: str) -> list[str]:
+    """Dotted names of the leaves that differ between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}.{k}")]
+    return [] if old == new else [prefix]
+
+
+def _names(items: list[str], most: int = 3) -> str:
+    more = f" (+{len(items) - most} more)" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = frozenset(), forced: bool = False) -> Verdict:
+    """Decide whether one stage runs, given ``pending``: the earlier stages that will run first.
+
+    In order: an unreadable manifest; no manifest (new, or interrupted when a scratch/temp
+    directory of this stage hash is left); --force; a different stage hash (config changed when
+    the stage's own kind/config/launch differ from the manifest's, else input changed); an
+    upstream stage that reruns or whose outputs differ from those this stage was built from;
+    an output file whose sha256 changed or that was added or removed; else up to date.
+    """
+    sid = stage["id"]
+    try:
+        manifest = read_manifest(workdir, sid)
+    except ManifestError as e:
+        return Verdict(RUN, CORRUPT, str(e))
+    unfinished = scratch_hash(workdir, sid) == stage["hash"] or bool(leftovers(workdir, sid))
+    if manifest is None or manifest["hash"] != stage["hash"]:
+        if unfinished:
+            resumes = scratch_hash(workdir, sid) == stage["hash"]
+            return Verdict(RUN, INTERRUPTED, f"resumes from scratch/{sid}" if resumes else "starts over")
+        if manifest is None:
+            return Verdict(RUN, NEW)
+    if forced:
+        return Verdict(RUN, FORCED)
+    if manifest["hash"] != stage["hash"]:
+        changed = [c for k in ("kind", "config", "launch") for c in _changed_keys(manifest[k], stage.get(k), k)]
+        if changed:
+            return Verdict(RUN, CONFIG_CHANGED, _names(changed))
+    reruns = [n for n in stage.get("needs", []) if n in pending]
+    if reruns:
+        return Verdict(RUN, INPUT_CHANGED, f"{_names(reruns)} reruns")
+    now = input_hashes(stage, workdir)
+    moved = sorted({v["stage"] for r, v in now.items() if manifest["input_hashes"].get(r) != v})
+    if moved or manifest["hash"] != stage["hash"]:
+        if not moved:  # the plan now names other models/data: say which roles
+            old, new = ({i.get("role"): i for i in m} for m in (manifest["inputs"] or [], stage.get("inputs", [])))
+            moved = [f"input {r!r}" for r in sorted(set(old) | set(new), key=str) if old.get(r) != new.get(r)]
+        return Verdict(RUN, INPUT_CHANGED, f"{_names(moved)} changed" if moved else "")
+    where = stage_dir(workdir, sid)
+    hashes, stats = hash_outputs(where, stage, manifest)
+    recorded = manifest["outputs"]
+    changed = sorted(k for k in set(hashes) | set(recorded) if hashes.get(k) != recorded.get(k))
+    missing = missing_outputs(where, stage)
+    if missing or changed:
+        what = [f"{m} removed" for m in missing] or [
+            f"{k} {'added' if k not in recorded else 'removed' if k not in hashes else 'changed'}" for k in changed
+        ]
+        return Verdict(RUN, OUTPUT_MODIFIED, _names(what))
+    fresh = stats if stats != manifest["file_stats"] else None
+    return Verdict(SKIP, UP_TO_DATE, manifest=manifest, fresh_stats=fresh)
+
+
+def plan_verdicts(plan: dict, workdir: Path, *, force: set[str] | frozenset = frozenset()) -> dict[str, Verdict]:
+    """Every stage's verdict, predicting that a stage downstream of one that runs runs too."""
+    verdicts: dict[str, Verdict] = {}
+    for st in validate_plan(plan):
+        pending = {sid for sid, v in verdicts.items() if v.state == RUN}
+        verdicts[st["id"]] = evaluate(st, workdir, pending=pending, forced=st["id"] in force)
+    return verdicts
+
+
+def stage_state(plan: dict, stage: dict, workdir: Path) -> tuple[str, str]:
+    """(state, why) of one stage of the plan: state is "run" or "skip", why one of the reasons
+    above. Earlier stages are evaluated too, since a stage reruns when its inputs will."""
+    v = plan_verdicts(plan, workdir)[stage["id"]]
+    return v.state, v.why
+
+
+def status_table(plan: dict, workdir: Path) -> list[dict]:
+    """One row per stage for `cascadec status`: {stage, kind, state, why, detail}.
+
+    Raises WorkspaceError for a plan the executor could not run; a corrupt manifest is a row.
+    """
+    verdicts = plan_verdicts(plan, workdir)
+    rows = []
+    for st in plan["stages"]:
+        v = verdicts[st["id"]]
+        rows.append({"stage": st["id"], "kind": st["kind"], "state": v.state, "why": v.why, "detail": v.detail})
+    return rows
+
+
+def format_row(row: dict, width: int = 0) -> str:
+    """`run   distill/x/short  (config changed: config.optimizer.lr)` — the line `run` prints."""
+    why = f"{row['why']}: {row['detail']}" if row.get("detail") else row["why"]
+    return f"{row['state']:<6}{row['stage']:<{width}}  ({why})"
+
+
+# ---------------------------------------------------------------- saved plans
+
+
+def check_saved_plan(plan: dict, spec_bytes: bytes) -> str | None:
+    """None when ``plan`` was made from exactly ``spec_bytes``; else why it must not be run.
+
+    Terraform's rule for saved plans: running a plan applies what was reviewed, so a plan made
+    from an older version of the spec is refused rather than silently re-planned.
+    The message has no "error:" prefix; the caller adds it.
+    """
+    now = hashlib.sha256(spec_bytes).hexdigest()
+    then = plan.get("spec_sha256") if isinstance(plan, dict) else None
+    how = "Re-plan with `cascadec plan SPEC -o PLAN`, or pass --replan to plan again before running."
+    if not isinstance(then, str):
+        return f"saved plan records no spec_sha256, so it cannot be checked against the spec. {how}"
+    if then != now:
+        return (
+            f"saved plan is stale: the spec changed since the plan was made "
+            f"(plan from spec sha256 {then[:12]}, spec is now {now[:12]}). {how}"
+        )
+    return None

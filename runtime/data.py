@@ -1,0 +1,248 @@
+"""Token streams for training stages: read text/jsonl/stdlib sources, tokenise (cached), pack, shard.
+
+Owns the exact token arithmetic: a stage reads ``steps × seq_len × global_batch`` tokens starting
+``data.offset`` tokens into the stream. It must not know about models or losses.
+
+The stream is the concatenation, in sorted file order, of every document's tokens followed by
+the tokenizer's EOS. Each *file* is tokenised once and cached under a content key
+(sha256 of the file's bytes, the reader kind/field and the tokenizer files). ``seq_len`` is
+deliberately not part of the key: packing is a slice of the stream, so a 16k and a 256k phase
+over the same data share one cache. Files are tokenised lazily, only as far as a stage needs.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+READERS = ("text", "jsonl", "builtin")
+BUILTINS = ("stdlib",)
+HELDOUT_EVERY = 20  # the stdlib's held-out split: files whose path hash is 0 mod 20 (~5 %)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Window:
+    """Which tokens of the stream a stage trains on, and how they are batched."""
+
+    seq_len: int
+    global_batch: int  # sequences per optimiser step, over all processes
+    steps: int
+    offset: int = 0  # tokens skipped at the start of the stream
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Window":
+        return cls(seq_len=int(config["seq_len"]), global_batch=int(config["global_batch"]),
+                   steps=int(config["steps"]), offset=int((config.get("data") or {}).get("offset") or 0))
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.seq_len * self.global_batch
+
+    def sequence(self, index: int) -> tuple[int, int]:
+        """Stream [start, end) of the window's ``index``-th packed sequence."""
+        start = self.offset + index * self.seq_len
+        return start, start + self.seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: files in a deterministic order, and the documents inside them
+
+
+def source_files(source: dict) -> list[tuple[str, Path]]:
+    """(stable name, path) of every file of ``source``, sorted by name; held-out split applied."""
+    kind = source.get("kind", "text")
+    if kind not in READERS:
+        raise ValueError(f"data kind {kind!r} is not readable by the runtime yet; use one of {', '.join(READERS)}")
+    if kind == "builtin":
+        return _builtin_files(source)
+    files = sorted({Path(p).resolve() for pattern in source.get("paths") or [] for p in glob.glob(str(pattern), recursive=True)})
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"data paths {source.get('paths')} match no files")
+    return [(str(f), f) for f in files]
+
+
+def _builtin_files(source: dict) -> list[tuple[str, Path]]:
+    """The running interpreter's standard-library ``.py`` files (site-packages excluded).
+
+    ``source["split"]`` is ``train`` (default) or ``heldout``; the split is by file, decided by
+    a hash of the file's relative path, so it is stable when files are added or removed.
+    """
+    if source.get("builtin") not in BUILTINS:
+        raise ValueError(f"unknown builtin data {source.get('builtin')!r}; known: {', '.join(BUILTINS)}")
+    split = source.get("split", "train")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"builtin split must be 'train' or 'heldout', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.split("/")[0] in ("site-packages", "dist-packages") or not path.is_file():
+            continue
+        heldout = hashlib.sha256(rel.encode()).digest()[0] % HELDOUT_EVERY == 0
+        if heldout == (split == "heldout"):
+            out.append((rel, path))
+    return sorted(out)
+
+
+def documents(path: Path, kind: str, field: str = "text") -> Iterator[str]:
+    """Texts of one file: the whole file (text, builtin) or ``field`` of each jsonl line."""
+    raw = path.read_bytes().decode("utf-8", errors="replace")
+    if kind != "jsonl":
+        yield raw
+        return
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if field not in record:
+            raise KeyError(f"{path}:{number}: record has no field {field!r} (fields: {', '.join(record)})")
+        yield record[field]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation with a content-addressed cache
+
+
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """sha256 over the tokenizer files of a model directory (names and bytes)."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.exists():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def tokenize_file(path: Path, source: dict, tokenizer, fingerprint: str, cache: Path) -> Path:
+    """Tokenise one file (EOS after every document) unless cached; return the cached shard."""
+    kind, field = source.get("kind", "text"), source.get("field") or "text"
+    key = hashlib.sha256(f"v1\0{kind}\0{field}\0{fingerprint}\0".encode() + path.read_bytes()).hexdigest()
+    shard = Path(cache) / key[:2] / f"{key}.safetensors"
+    if shard.exists():
+        return shard
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; documents could not be separated")
+    ids: list[int] = []
+    for encoded in tokenizer(list(documents(path, kind, field)), add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(eos)
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    tmp = shard.with_suffix(f".tmp{os.getpid()}")
+    save_file({"tokens": torch.tensor(ids, dtype=torch.int32)}, str(tmp), metadata={"source": str(path)})
+    os.replace(tmp, shard)  # atomic: a killed run never leaves a half-written shard
+    return shard
+
+
+class TokenStream:
+    """The concatenated token stream of a source, read by ranges without loading it whole."""
+
+    def __init__(self, shards: list[Path]):
+        self.shards = shards
+        self.lengths = [shard_length(s) for s in shards]
+
+    def __len__(self) -> int:
+        return sum(self.lengths)
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Tokens [start, end) of the stream as int64."""
+        parts, base = [], 0
+        for shard, length in zip(self.shards, self.lengths):
+            lo, hi = max(start - base, 0), min(end - base, length)
+            if lo < hi:
+                with safe_open(str(shard), "pt") as f:
+                    parts.append(f.get_slice("tokens")[lo:hi])
+            base += length
+        out = torch.cat(parts).long() if parts else torch.empty(0, dtype=torch.long)
+        if out.numel() != end - start:
+            raise IndexError(f"stream has {len(self)} tokens; asked for [{start}, {end})")
+        return out
+
+
+def shard_length(shard: Path) -> int:
+    with safe_open(str(shard), "pt") as f:
+        return f.get_slice("tokens").get_shape()[0]
+
+
+def open_stream(source: dict, tokenizer, tokenizer_dir: Path, cache: Path, need: int,
+                log: Callable[[str], None] = print) -> TokenStream:
+    """Tokenise files in order until the stream holds ``need`` tokens; fail clearly if it cannot."""
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    shards, total = [], 0
+    files = source_files(source)
+    for _, path in files:
+        if total >= need:
+            break
+        shards.append(tokenize_file(path, source, tokenizer, fingerprint, cache))
+        total += shard_length(shards[-1])
+    if total < need:
+        where = source.get("builtin") or source.get("paths")
+        raise ValueError(
+            f"data {where} has {total:,} tokens ({len(files)} files) with this tokenizer; "
+            f"the stage needs {need:,} (offset + steps × seq_len × global_batch)"
+        )
+    log(f"data: {len(shards)} of {len(files)} files, {total:,} tokens (need {need:,})")
+    return TokenStream(shards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic sharding and the resumable position
+
+
+def micro_batches(stream: TokenStream, window: Window, step: int, rank: int, world: int,
+                  micro_batch: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """The micro-batches (input ids [micro_batch, seq_len], sequence indices) of one process.
+
+    Global step ``step`` covers window sequences [step·G, (step+1)·G) with G = global_batch;
+    process ``rank`` takes the contiguous block of G/world of them, in micro-batches. The split
+    depends only on (step, rank, world), so a resumed or relaunched run reads the same tokens.
+    """
+    per_rank = per_process(window.global_batch, world, micro_batch)
+    first = step * window.global_batch + rank * per_rank
+    for m in range(per_rank // micro_batch):
+        indices = list(range(first + m * micro_batch, first + (m + 1) * micro_batch))
+        rows = [stream.read(*window.sequence(i)) for i in indices]
+        yield torch.stack(rows), indices
+
+
+def per_process(global_batch: int, world: int, micro_batch: int) -> int:
+    if global_batch % (world * micro_batch):
+        raise ValueError(
+            f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} × {world} processes"
+        )
+    return global_batch // world
+
+
+class DataPosition:
+    """Where the stage is in its window; saved with every step checkpoint (Accelerate custom state)."""
+
+    def __init__(self, window: Window):
+        self.window = window
+        self.step = 0  # optimiser steps completed
+
+    @property
+    def tokens(self) -> int:
+        return self.step * self.window.seq_len * self.window.global_batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "offset": self.window.offset,
+                "seq_len": self.window.seq_len, "global_batch": self.window.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("offset", "seq_len", "global_batch"):
+            if state[key] != getattr(self.window, key):
+                raise ValueError(f"checkpoint was taken with {key}={state[key]}, this stage has {getattr(self.window, key)}")
+        self.step = int(state["step"])

@@ -1,0 +1,1 @@
+"""One module per stage kind, each exposing `run(ctx) -> dict` of metrics (see registry.py)."""

@@ -1,0 +1,69 @@
+"""The `bootstrap` stage: pretrain a small Mistral-architecture parent from scratch.
+
+Owns the tokenizer and the architecture of that parent (a byte-level BPE trained on the stage's
+data; a `MistralConfig` of ``config.shape``); training is the shared loop. Used by the tiny
+family, whose parent does not exist anywhere until this stage makes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer, MistralConfig
+
+from cascadec.shapes import Shape
+
+from ..context import StageContext
+from ..data import documents, source_files
+from ..models import apply_rope, from_config
+from ..tokenizer import train_bpe
+from ..train import train
+
+TOKENIZER_CHARS = 20_000_000  # BPE is trained on the first files up to this many characters
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    shape = Shape(**config["shape"])
+    vocab = int((config.get("tokenizer") or {}).get("vocab_size") or shape.vocab)
+    if vocab != shape.vocab:
+        raise ValueError(f"tokenizer.vocab_size {vocab} differs from shape.vocab {shape.vocab}")
+    tokenizer_dir = tokenizer_for(ctx, vocab)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model_config = MistralConfig(
+        vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim, tie_word_embeddings=shape.tied_embeddings,
+        max_position_embeddings=max(int(config["seq_len"]), 2048), sliding_window=None,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    if config.get("rope"):
+        apply_rope(model_config, config["rope"])
+    set_seed(int(config.get("seed", 0)))
+    model = from_config(model_config)
+    ctx.log(f"bootstrap: random Mistral, {sum(p.numel() for p in model.parameters()):,} parameters, vocab {vocab}")
+    return train(ctx, model, tokenizer, tokenizer_dir)
+
+
+def tokenizer_for(ctx: StageContext, vocab: int) -> Path:
+    """Train (once; kept in scratch so a resumed run tokenises identically) the stage's BPE."""
+    path = Path(ctx.scratch) / "tokenizer"
+    with PartialState().main_process_first():
+        if not (path / "tokenizer.json").exists():
+            _train_tokenizer(ctx, vocab, path)
+    return path
+
+
+def _train_tokenizer(ctx: StageContext, vocab: int, path: Path) -> None:
+    source, texts, chars = ctx.source(), [], 0
+    for _, file in source_files(source):
+        for text in documents(file, source.get("kind", "text"), source.get("field") or "text"):
+            texts.append(text)
+            chars += len(text)
+        if chars >= TOKENIZER_CHARS:
+            break
+    tmp = path.with_name("tokenizer.tmp")
+    train_bpe(texts, vocab).save_pretrained(tmp)
+    tmp.rename(path)

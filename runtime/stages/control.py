@@ -1,0 +1,36 @@
+"""The `control` stage: a from-scratch model of a child's shape, trained on the child's tokens.
+
+Owns building that model: the template input (any checkpoint of the family, usually the parent)
+gives the architecture's remaining settings and the tokenizer; ``config.shape`` the axes. It is
+the baseline that shows what pruning + distillation bought, so nothing but the init differs.
+"""
+
+from __future__ import annotations
+
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer
+
+from cascadec.shapes import Shape, from_hf_config, hf_config_updates
+
+from ..context import StageContext
+from ..models import apply_rope, from_config, load_config
+from ..train import train
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    template = ctx.inputs["template"]
+    model_config = load_config(template)
+    shape = Shape(**config["shape"])
+    family = from_hf_config(model_config.to_dict()).family
+    if shape.family != family:
+        raise ValueError(f"control shape is a {shape.family} model but the template {template} is {family}")
+    for key, value in hf_config_updates(shape).items():
+        setattr(model_config.get_text_config(), key, value)
+    model_config.tie_word_embeddings = shape.tied_embeddings
+    if config.get("rope"):
+        apply_rope(model_config, config["rope"])
+    set_seed(int(config.get("seed", 0)))
+    model = from_config(model_config)
+    ctx.log(f"control: random {shape.family} model, {sum(p.numel() for p in model.parameters()):,} parameters")
+    return train(ctx, model, AutoTokenizer.from_pretrained(template), template)

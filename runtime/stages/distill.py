@@ -1,0 +1,39 @@
+"""The `distill` stage: train a student on a teacher's logits (online, or from a top-k cache).
+
+Owns only what is particular to distillation (which models, where the teacher comes from);
+the loop, the loss and the data are `train.py`, `kd.py` and `data.py`.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from ..context import StageContext
+from ..models import load_model
+from ..train import train
+
+
+def run(ctx: StageContext) -> dict:
+    """Load the student (with the phase's RoPE), then the teacher unless its logits are cached.
+
+    The teacher keeps its own RoPE settings: it already serves the context it was trained for.
+    """
+    config = ctx.config
+    student_dir = ctx.inputs["student"]
+    student = load_model(student_dir, rope=config.get("rope"))
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    cached = ctx.inputs.get("teacher_logits")
+    teacher = None if cached else load_model(ctx.inputs["teacher"], dtype=_teacher_dtype(config))
+    ctx.log(f"distill: {config.get('phase', '')} student {student_dir}, teacher "
+            f"{'cached top-k logits ' + str(cached) if cached else ctx.inputs['teacher']}")
+    metrics = train(ctx, student, tokenizer, student_dir, teacher=teacher, teacher_logits=cached)
+    return {**metrics, "teacher": "cached" if cached else "online"}
+
+
+def _teacher_dtype(config: dict):
+    """The frozen teacher runs in bf16 where the stage trains in bf16 on a GPU, else fp32."""
+    import torch
+
+    from ..train import mixed_precision
+
+    return torch.bfloat16 if mixed_precision(config.get("precision", "fp32")) == "bf16" else torch.float32

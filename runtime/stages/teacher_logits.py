@@ -1,0 +1,90 @@
+"""The `teacher-logits` stage: run the teacher once over a data window, keep its top-k logits.
+
+Owns the writing side of `topk_cache.py`'s format. Shards are written to scratch first (one
+per block of sequences, atomically) so a killed run keeps finished blocks, and moved into the
+output when all processes are done. Process r of P takes blocks r, r+P, r+2P, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from ..context import StageContext
+from ..data import Window, open_stream
+from ..models import load_model
+from ..topk_cache import INDEX, value_dtype
+from ..train import decoder_hidden, mixed_precision
+
+BLOCK = 64  # sequences per shard
+CHUNK_TOKENS = 1024  # tokens per head matmul: the full [tokens x vocab] logits never exist
+
+
+def run(ctx: StageContext) -> dict:
+    config, state, started = ctx.config, PartialState(), time.perf_counter()
+    seq_len, tokens, k = int(config["seq_len"]), int(config["tokens"]), int(config["top_k"])
+    if tokens % seq_len:
+        raise ValueError(f"tokens {tokens} is not a whole number of {seq_len}-token sequences")
+    sequences = tokens // seq_len
+    window = Window(seq_len=seq_len, global_batch=1, steps=sequences, offset=int(config["data"].get("offset") or 0))
+    teacher_dir = ctx.inputs["teacher"]
+    bf16 = mixed_precision(config.get("precision", "fp32")) == "bf16"
+    teacher = load_model(teacher_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    teacher.eval().requires_grad_(False).to(state.device)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    with state.main_process_first():
+        stream = open_stream(ctx.source(), tokenizer, teacher_dir, ctx.token_cache(), window.offset + tokens, ctx.log)
+
+    shards = Path(ctx.scratch) / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    dtype, micro = value_dtype(config.get("precision", "fp32")), int(config.get("micro_batch") or 1)
+    blocks = range(0, sequences, BLOCK)
+    for b in blocks[state.process_index :: state.num_processes]:
+        path = shards / f"shard-{b:09d}.safetensors"
+        if path.exists():
+            continue
+        ids = torch.stack([stream.read(*window.sequence(i)) for i in range(b, min(b + BLOCK, sequences))])
+        values, indices = top_k_logits(teacher, ids, k, micro, state.device)
+        tmp = path.with_suffix(".tmp")
+        save_file({"values": values.to(dtype).contiguous(), "indices": indices}, str(tmp))
+        os.replace(tmp, path)
+        ctx.log(f"teacher-logits: sequences {b}..{b + len(ids) - 1} of {sequences}")
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        index = {"vocab": teacher.get_output_embeddings().weight.shape[0], "top_k": k, "seq_len": seq_len,
+                 "offset": window.offset, "sequences": sequences, "tokens": tokens, "dtype": str(dtype),
+                 "teacher": str(teacher_dir), "shards": []}
+        out = Path(ctx.out)
+        for b in blocks:
+            name = f"shard-{b:09d}.safetensors"
+            shutil.move(shards / name, out / name)
+            index["shards"].append({"file": name, "first": b, "count": min(BLOCK, sequences - b)})
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    state.wait_for_everyone()
+    return {"tokens": tokens, "tokens_seen": tokens, "sequences": sequences, "top_k": k,
+            "wall_s": round(time.perf_counter() - started, 3)}
+
+
+@torch.no_grad()
+def top_k_logits(teacher, ids: torch.Tensor, k: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k raw logits and int32 ids, [sequences, seq_len, k], chunked through the LM head."""
+    head = teacher.get_output_embeddings().weight
+    values, indices = [], []
+    for batch in ids.split(micro):
+        hidden = decoder_hidden(teacher, batch.to(device))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        for h in flat.split(CHUNK_TOKENS):
+            top = (h @ head.T).float().topk(k, dim=-1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.int().cpu())
+    shape = (ids.shape[0], ids.shape[1], k)
+    return torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape)

@@ -1,0 +1,277 @@
+"""The one training loop: distill, teacher-free control/bootstrap, and later SFT all call `train`.
+
+Owns the optimiser, schedule, step checkpoints (resume), metrics and the final save. It must not
+load models or choose data: stages do that and hand it a model, a tokenizer and a source.
+
+A step checkpoint is `accelerator.save_state` (model, optimiser, RNG) plus the scheduler and the
+data position, written to ``scratch/checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when
+complete, so the newest ``step-*`` is always loadable. A run killed at any moment restarts from
+it, reads the same tokens (sharding depends only on the step) and, on CPU with fixed seeds,
+reaches bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .context import StageContext
+from .data import DataPosition, Window, micro_batches, open_stream, per_process
+from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
+from .topk_cache import TopKCache
+
+
+class Objective(torch.nn.Module):
+    """The trained model plus its loss, as one module so DDP sees a single forward.
+
+    The teacher is deliberately *not* a submodule: it is frozen, and would otherwise be written
+    into every step checkpoint.
+    """
+
+    def __init__(self, model, spec: LossSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, input_ids, labels, **teacher):
+        hidden = decoder_hidden(self.model, input_ids)
+        head = self.model.get_output_embeddings().weight
+        return chunked_loss(hidden, head, labels, self.spec, Teacher(**teacher) if teacher else None)
+
+
+def decoder_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states, without the LM head: the loss applies the head in chunks."""
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1; the last position of each packed sequence has no target."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier at optimiser step ``step`` (0-based): linear warmup, then the decay ``kind``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    if kind == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {kind!r}; expected cosine, linear or constant")
+
+
+def mixed_precision(precision: str) -> str:
+    """Accelerate's ``mixed_precision`` for the plan's precision on this machine (fp32 on CPU)."""
+    if precision in ("bf16", "fp16") and torch.cuda.is_available():
+        if precision == "fp16" or torch.cuda.is_bf16_supported():
+            return precision
+    return "no"
+
+
+def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=None,
+          teacher_logits: Path | None = None) -> dict:
+    """Train ``model`` over the stage's window; save it to ``ctx.out / "model"``; return metrics."""
+    config = ctx.config
+    window = Window.from_config(config)
+    spec = LossSpec.from_config(config.get("loss"))
+    opt_cfg, sched_cfg = config.get("optimizer") or {}, config.get("schedule") or {}
+    ckpt_cfg = config.get("checkpoint") or {}
+    micro = int(config.get("micro_batch") or 1)
+
+    # 1. Processes, precision, trackers; the data window is tokenised once (main process first).
+    accelerator = Accelerator(mixed_precision=mixed_precision(config.get("precision", "fp32")),
+                              log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+                              project_dir=str(ctx.scratch))
+    set_seed(int(config.get("seed", 0)))
+    accum = per_process(window.global_batch, accelerator.num_processes, micro) // micro
+    with accelerator.main_process_first():
+        stream = open_stream(ctx.source(), tokenizer, tokenizer_dir, ctx.token_cache(),
+                             window.offset + window.tokens, ctx.log)
+    cache = _teacher_logits(teacher_logits, model, window, spec)
+    if teacher is not None:
+        _check_vocab(teacher, model)
+        teacher.eval().requires_grad_(False).to(accelerator.device)
+
+    # 2. Optimiser (no decay on norms/biases), schedule, and what a checkpoint holds.
+    objective = Objective(model, spec).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, float(opt_cfg.get("weight_decay", 0.0))),
+                                  lr=float(opt_cfg.get("lr", 3e-4)), betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+                                  eps=float(opt_cfg.get("eps", 1e-8)))
+    lr = float(opt_cfg.get("lr", 3e-4))
+    min_ratio = float(opt_cfg.get("min_lr", 0.0)) / lr if lr else 0.0
+    shape = dict(kind=sched_cfg.get("kind", "cosine"), warmup=int(sched_cfg.get("warmup_steps", 0)),
+                 total=window.steps, min_ratio=min_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **shape))
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    position = DataPosition(window)
+    accelerator.register_for_checkpointing(scheduler, position)
+
+    # 3. Resume from the newest complete step checkpoint, if any.
+    checkpoints = _checkpoint_dir(ctx, accelerator)
+    resumed = _latest(checkpoints)
+    if resumed:
+        accelerator.load_state(str(resumed))
+        ctx.log(f"resumed from {resumed.name}: step {position.step}, {position.tokens:,} tokens")
+    metrics_file = _metrics_file(ctx, position.step, accelerator)
+    accelerator.init_trackers(_tracker_name(ctx))
+
+    # 4. The loop.
+    start, started = position.step, time.perf_counter()
+    bar = tqdm(total=window.steps, initial=start, unit="step", disable=not accelerator.is_main_process)
+    loss_value = float("nan")
+    for step in range(start, window.steps):
+        total = torch.zeros((), device=accelerator.device)
+        batches = micro_batches(stream, window, step, accelerator.process_index, accelerator.num_processes, micro)
+        for m, (input_ids, indices) in enumerate(batches):
+            input_ids = input_ids.to(accelerator.device)
+            sync = m == accum - 1
+            with accelerator.no_sync(objective) if not sync else nullcontext(), accelerator.autocast():
+                extra = _teacher_side(teacher, cache, input_ids, indices, accelerator.device)
+                loss = objective(input_ids, next_token_labels(input_ids), **extra)
+                accelerator.backward(loss / accum)
+            total += loss.detach() / accum
+        grad_norm = _clip(accelerator, objective, opt_cfg.get("grad_clip"))
+        step_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        position.step = step + 1
+
+        loss_value = accelerator.reduce(total, "mean").item()
+        elapsed = time.perf_counter() - started
+        rate = (position.step - start) * window.seq_len * window.global_batch / max(elapsed, 1e-9)
+        record = {"step": position.step, "tokens": position.tokens, "loss": loss_value,
+                  "lr": step_lr, "grad_norm": grad_norm, "tokens_per_s": rate}
+        _log_metrics(accelerator, metrics_file, record)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if _due(position.step, window.steps, ckpt_cfg):
+            _save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)))
+    bar.close()
+    accelerator.end_training()
+
+    # 5. The final model, loadable by `AutoModelForCausalLM.from_pretrained`.
+    accelerator.wait_for_everyone()
+    wall = time.perf_counter() - started
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(objective).model
+        trained.save_pretrained(Path(ctx.out) / "model", safe_serialization=True)
+        tokenizer.save_pretrained(Path(ctx.out) / "model")
+        shutil.copyfile(metrics_file, Path(ctx.out) / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+    return {"steps": window.steps, "tokens": window.tokens, "tokens_seen": window.tokens, "final_loss": loss_value, "wall_s": round(wall, 3),
+            "resumed_from_step": start, "processes": accelerator.num_processes,
+            "tokens_per_s": round((window.steps - start) * window.seq_len * window.global_batch / max(wall, 1e-9), 1)}
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _check_vocab(teacher, student) -> None:
+    t = teacher.get_output_embeddings().weight.shape[0]
+    s = student.get_output_embeddings().weight.shape[0]
+    if t != s:
+        raise ValueError(f"teacher vocabulary has {t} entries but the student's has {s}; "
+                         "logit distillation needs the same tokenizer")
+
+
+def _teacher_logits(path: Path | None, model, window: Window, spec: LossSpec) -> TopKCache | None:
+    if path is None:
+        return None
+    cache = TopKCache(path)
+    cache.check(vocab=model.get_output_embeddings().weight.shape[0], seq_len=window.seq_len,
+                offset=window.offset, sequences=window.steps * window.global_batch)
+    if spec.top_k and spec.top_k != cache.top_k:
+        raise ValueError(f"loss.top_k is {spec.top_k} but the cached teacher logits hold top-{cache.top_k}")
+    return cache
+
+
+def _teacher_side(teacher, cache: TopKCache | None, input_ids, indices, device) -> dict:
+    """Keyword arguments of `Objective.forward` describing the teacher for one micro-batch."""
+    if cache is not None:
+        values, ids = cache.read(indices)
+        return {"values": values.to(device), "indices": ids.to(device)}
+    if teacher is None:
+        return {}
+    with torch.no_grad():
+        hidden = decoder_hidden(teacher, input_ids)
+    return {"hidden": hidden, "weight": teacher.get_output_embeddings().weight}
+
+
+def _clip(accelerator, objective, grad_clip) -> float | None:
+    if not grad_clip:
+        return None
+    return float(accelerator.clip_grad_norm_(objective.parameters(), float(grad_clip)))
+
+
+def _due(step: int, steps: int, ckpt_cfg: dict) -> bool:
+    every = int(ckpt_cfg.get("every_steps") or 0)
+    return every > 0 and step % every == 0 and step < steps
+
+
+def _checkpoint_dir(ctx: StageContext, accelerator) -> Path:
+    """``scratch/checkpoints`` without half-written saves (the executor empties scratch when the
+    stage's hash changes, so every checkpoint here belongs to this configuration)."""
+    path = Path(ctx.scratch) / "checkpoints"
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob(".tmp-step-*"):
+            shutil.rmtree(stale)  # a save interrupted by a kill
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _latest(checkpoints: Path) -> Path | None:
+    done = sorted(checkpoints.glob("step-*"))
+    return done[-1] if done else None
+
+
+def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int) -> None:
+    tmp, final = checkpoints / f".tmp-step-{step:08d}", checkpoints / f"step-{step:08d}"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)  # atomic: only complete checkpoints carry the step-* name
+        for old in sorted(checkpoints.glob("step-*"))[:-max(keep, 1)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _metrics_file(ctx: StageContext, step: int, accelerator) -> Path:
+    """The JSONL of per-step metrics, cut back to ``step`` so a resumed run does not repeat lines."""
+    path = Path(ctx.metrics_file or Path(ctx.scratch) / "metrics.jsonl")
+    if accelerator.is_main_process:
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in kept))
+    return path
+
+
+def _log_metrics(accelerator, path: Path, record: dict) -> None:
+    accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+    if accelerator.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _tracker_name(ctx: StageContext) -> str:
+    return str(ctx.stage.get("id", "stage")).replace("/", "_")

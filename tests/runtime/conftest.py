@@ -1,0 +1,34 @@
+"""Shared fixtures for runtime tests: tiny teacher/student checkpoints, a jsonl corpus, stage contexts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tinymodels.py
+
+from tinymodels import TEXT, save_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A 4-layer teacher and a 2-layer, narrower student sharing one tokenizer (vocab 320)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "teacher": save_model(root / "teacher", "mistral", seed=1),
+        "student": save_model(root / "student", "mistral", seed=2, layers=2, hidden=32, ffn=64, heads=2, kv_heads=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    """A jsonl source of 60 short documents, as the executor would hand it to a stage."""
+    root = tmp_path_factory.mktemp("corpus")
+    lines = TEXT.splitlines()
+    with (root / "a.jsonl").open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"{i}: " + "\n".join(lines[i % len(lines):] + lines[: i % 7])}) + "\n")
+    return {"kind": "jsonl", "paths": [str(root / "*.jsonl")], "field": "text", "builtin": None}

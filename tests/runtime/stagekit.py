@@ -1,0 +1,37 @@
+"""Building distill stage dicts and contexts for runtime tests (CPU, tiny shapes)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from cascadec.runtime.context import StageContext
+
+DISTILL = {
+    "id": "distill/tiny/short",
+    "kind": "distill",
+    "hash": "test",
+    "config": {
+        "phase": "short", "seq_len": 16, "global_batch": 4, "micro_batch": 2, "steps": 6, "tokens": 384,
+        "data": {"name": "corpus", "offset": 8},
+        "loss": {"kind": "forward_kl", "temperature": 1.0, "top_k": None, "ce_weight": 0.0, "chunk_tokens": 24},
+        "optimizer": {"name": "adamw", "lr": 3e-3, "min_lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                      "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "rope": None, "checkpoint": {"every_steps": 2, "keep": 2}, "seed": 0, "precision": "fp32",
+    },
+}
+
+
+def stage(base: dict = DISTILL, **config) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in config.items():
+        out["config"][key] = value
+    out["config"]["tokens"] = out["config"]["steps"] * out["config"]["seq_len"] * out["config"]["global_batch"]
+    return out
+
+
+def context(tmp: Path, stage_dict: dict, inputs: dict, corpus: dict, cache: Path | None = None) -> StageContext:
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    return StageContext(stage=stage_dict, inputs=inputs, data={"corpus": corpus}, out=tmp / "out",
+                        scratch=tmp / "scratch", cache=cache or tmp / "cache", log=lambda msg: None)

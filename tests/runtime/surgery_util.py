@@ -1,0 +1,71 @@
+"""Shared helpers of the surgery tests: tiny checkpoints edited in place, logits, stats, counts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tinymodels
+
+import tinymodels  # noqa: E402
+from cascadec.runtime import adapters, calibrate  # noqa: E402
+from cascadec.shapes import from_hf_config  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "mistral3")
+ALL_METHODS = {"layers": "block_influence", "hidden": "pca", "ffn": "activation", "heads": "importance"}
+
+
+def edit(model_dir: Path, fn) -> Path:
+    """Apply ``fn(tensors: dict)`` to a single-file checkpoint in place."""
+    path = Path(model_dir) / "model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return Path(model_dir)
+
+
+def random_norms(tensors: dict, seed: int = 1) -> None:
+    """Non-trivial RMSNorm gains, so that folding them into the linears is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for key, t in tensors.items():
+        if key.endswith("norm.weight") and "vision" not in key and "projector" not in key:
+            t.copy_(0.5 + torch.rand(t.shape, generator=g))
+
+
+def model(tmp: Path, family: str = "mistral", *, tied: bool = False, norms: bool = True, **axes) -> Path:
+    """A tiny random checkpoint with random norm gains (unless ``norms`` is False)."""
+    path = tinymodels.save_model(Path(tmp) / f"{family}-{'tied' if tied else 'untied'}", family, tied=tied, **axes)
+    return edit(path, random_norms) if norms else path
+
+
+def shape(model_dir: Path):
+    return from_hf_config(adapters.read_config(model_dir))
+
+
+def stats(model_dir: Path, samples: int = 4, seq_len: int = 32) -> dict:
+    return calibrate.calibrate(model_dir, source=None, samples=samples, seq_len=seq_len, progress=False)[0]
+
+
+def ids(n: int = 2, length: int = 24, seed: int = 0, vocab: int = tinymodels.TINY["vocab"]) -> torch.Tensor:
+    return torch.randint(4, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    return adapters.load_model(model_dir, dtype=torch.float32)(input_ids=tokens).logits
+
+
+@torch.no_grad()
+def loss(model_dir: Path, tokens: torch.Tensor) -> float:
+    """Next-token cross-entropy of ``tokens``."""
+    return float(adapters.load_model(model_dir, dtype=torch.float32)(input_ids=tokens, labels=tokens).loss)
+
+
+def text_params(model_dir: Path) -> int:
+    """Parameters of the loaded text decoder and head (tied weights counted once)."""
+    m = adapters.load_model(model_dir, dtype=torch.float32)
+    skip = ("vision_tower", "multi_modal_projector")
+    return sum(p.numel() for n, p in m.named_parameters() if not any(s in n for s in skip))

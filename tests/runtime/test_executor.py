@@ -1,0 +1,330 @@
+"""The executor end to end with tiny fake stage kinds: what runs and why, --only/--force,
+dry-run exit codes, failure and disk-full atomicity, the workspace lock, accelerate spawning."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascadec import workspace as ws
+from cascadec.runtime import executor, registry
+
+
+def stage(sid, needs=(), config=None, kind="write", **extra):
+    inputs = [{"role": f"in{i}", "stage": n, "path": f"stages/{n}/out"} for i, n in enumerate(needs)]
+    return {
+        "id": sid, "kind": kind, "needs": list(needs), "inputs": inputs, "outputs": [f"stages/{sid}/out"],
+        "config": config or {"v": 1}, "launch": {"devices": 1, "launcher": "local"}, **extra,
+    }
+
+
+def plan_of(*stages):
+    """A plan with Merkle stage hashes, as the compiler makes them."""
+    hashes = {}
+    for st in stages:
+        key = {k: st.get(k) for k in ("kind", "config", "launch", "inputs")}
+        key["upstream"] = [hashes[n] for n in st["needs"]]
+        st["hash"] = hashes[st["id"]] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return {"spec_sha256": "0" * 64, "models": {}, "data": {}, "stages": list(stages)}
+
+
+def chain():
+    return plan_of(stage("a"), stage("b", ["a"]), stage("c", ["b"]), stage("d"))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Registers kind `write`: writes its config and its inputs' content to `out/f`."""
+    seen = []
+
+    def write(ctx):
+        seen.append(ctx.stage["id"])
+        cfg = ctx.config
+        if cfg.get("fail"):
+            raise ValueError("boom")
+        if cfg.get("interrupt"):
+            (ctx.scratch / "step-3").write_text("checkpoint")
+            raise KeyboardInterrupt
+        body = json.dumps(cfg) + "".join((p / "f").read_text() for p in ctx.inputs.values())
+        if cfg.get("salt"):
+            body += str(len(seen))
+        (ctx.out / "out").mkdir()
+        (ctx.out / "out" / "f").write_text(body)
+        ctx.log(f"resumed from {sorted(p.name for p in ctx.scratch.iterdir() if p.name.startswith('step'))}")
+        return {"tokens_seen": 7, "loss": 0.5}
+
+    monkeypatch.setitem(registry.STAGES, "write", write)
+    return seen
+
+
+def run(plan, workdir, **kw):
+    lines = []
+    rc = executor.run_plan(plan, workdir, workdir, out=lines.append, **kw)
+    return rc, [line for line in lines if not line.startswith("      ")]
+
+
+def test_runs_everything_once_then_nothing(calls, tmp_path):
+    plan = chain()
+    assert run(plan, tmp_path, dry_run=True) == (
+        2, ["run   a  (new)", "run   b  (new)", "run   c  (new)", "run   d  (new)", "4 to run, 0 up to date."]
+    )
+    assert not (tmp_path / "stages").exists()
+    assert run(plan, tmp_path)[0] == 0
+    assert calls == ["a", "b", "c", "d"]
+    assert run(plan, tmp_path) == (
+        0, ["skip  a  (up to date)", "skip  b  (up to date)", "skip  c  (up to date)", "skip  d  (up to date)",
+            "0 run, 4 up to date."]
+    )
+    assert run(plan, tmp_path, dry_run=True)[0] == 0
+    assert calls == ["a", "b", "c", "d"]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["a", "b", "c", "d"]
+    assert not (tmp_path / "scratch" / "a").exists()
+
+
+def test_manifest_records_what_the_stage_did(calls, tmp_path):
+    assert run(chain(), tmp_path)[0] == 0
+    m = json.loads((tmp_path / "stages" / "b" / "manifest.json").read_text())
+    assert m["stage"] == "b" and m["hash"] == chain()["stages"][1]["hash"]
+    assert m["outputs"] == {"stages/b/out/f": hashlib.sha256((tmp_path / "stages/b/out/f").read_bytes()).hexdigest()}
+    assert m["input_hashes"]["in0"]["stage"] == "a"
+    assert (m["tokens_seen"], m["metrics"]) == (7, {"tokens_seen": 7, "loss": 0.5})
+    assert set(m["versions"]) == {"python", "cascadec", "torch", "transformers", "accelerate"}
+    assert m["wall_time_s"] >= 0
+
+
+def test_config_change_reruns_the_stage_and_what_it_feeds(calls, tmp_path):
+    run(chain(), tmp_path)
+    plan = chain()
+    plan["stages"][1]["config"] = {"v": 2}
+    plan = plan_of(*plan["stages"])
+    rc, lines = run(plan, tmp_path)
+    assert rc == 0
+    assert lines[:4] == [
+        "skip  a  (up to date)",
+        "run   b  (config changed: config.v)",
+        "run   c  (input changed: b changed)",
+        "skip  d  (up to date)",
+    ]
+
+
+def test_dry_run_predicts_downstream_reruns(calls, tmp_path):
+    run(chain(), tmp_path)
+    (tmp_path / "stages/a/out/f").write_text("edited by hand")
+    assert run(chain(), tmp_path, dry_run=True) == (2, [
+        "run   a  (output modified: stages/a/out/f changed)",
+        "run   b  (input changed: a reruns)",
+        "run   c  (input changed: b reruns)",
+        "skip  d  (up to date)",
+        "3 to run, 1 up to date.",
+    ])
+
+
+def test_only_runs_the_targets_and_their_out_of_date_ancestors(calls, tmp_path):
+    plan = chain()
+    assert run(plan, tmp_path, only=["b"]) == (0, ["run   a  (new)", "run   b  (new)", "2 run, 0 up to date."])
+    assert calls == ["a", "b"]
+    assert run(plan, tmp_path, only=["c", "d"])[1][:3] == ["skip  a  (up to date)", "skip  b  (up to date)", "run   c  (new)"]
+    assert run(plan, tmp_path, only=["*"], dry_run=True)[0] == 0
+
+
+def test_force_reruns_only_what_it_names_and_downstream_only_if_outputs_differ(calls, tmp_path):
+    plan = chain()
+    run(plan, tmp_path)
+    assert run(plan, tmp_path, force=["a"])[1][:3] == ["run   a  (forced)", "skip  b  (up to date)", "skip  c  (up to date)"]
+    salty = plan_of(stage("a", config={"salt": True}), stage("b", ["a"]))
+    run(salty, tmp_path)
+    assert run(salty, tmp_path, force=["a"])[1][:2] == ["run   a  (forced)", "run   b  (input changed: a changed)"]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"only": ["distil/*"]}, "error: --only 'distil/*' matches no stage"),
+        ({"only": ["b"], "force": ["d"]}, "error: --force 'd' matches no stage selected by --only"),
+        ({"force": ["bb"]}, "error: --force 'bb' matches no stage; did you mean 'b'?"),
+    ],
+)
+def test_globs_that_match_nothing_are_errors(calls, tmp_path, kw, message):
+    assert run(chain(), tmp_path, **kw) == (1, [message])
+    assert calls == []
+
+
+def test_a_failing_stage_keeps_the_previous_outputs_and_stops_the_run(calls, tmp_path):
+    run(chain(), tmp_path)
+    before = (tmp_path / "stages/b/out/f").read_text(), (tmp_path / "stages/b/manifest.json").read_text()
+    plan = chain()
+    plan["stages"][1]["config"] = {"fail": True}
+    rc, lines = run(plan_of(*plan["stages"]), tmp_path)
+    assert rc == 1
+    assert lines[-1] == "error: stage b failed: boom (traceback in scratch/b/traceback.txt)"
+    assert not any(line.startswith(("run   c", "skip  c")) for line in lines)
+    assert calls[-1] == "b"
+    assert ((tmp_path / "stages/b/out/f").read_text(), (tmp_path / "stages/b/manifest.json").read_text()) == before
+    assert [p.name for p in (tmp_path / "stages").iterdir() if p.name.startswith(".")] == []
+    assert "ValueError: boom" in (tmp_path / "scratch/b/traceback.txt").read_text()
+
+
+def test_a_stage_must_write_its_declared_outputs(monkeypatch, tmp_path):
+    monkeypatch.setitem(registry.STAGES, "write", lambda ctx: {})
+    assert run(plan_of(stage("a")), tmp_path)[1][-1].startswith(
+        "error: stage a failed: it did not write its declared output stages/a/out"
+    )
+
+
+def test_an_interrupted_stage_resumes_from_scratch(calls, tmp_path):
+    plan = plan_of(stage("a", config={"interrupt": True}))
+    with pytest.raises(KeyboardInterrupt):
+        run(plan, tmp_path)
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == []
+    plan["stages"][0]["config"]["interrupt"] = False  # same hash: the next attempt gets through
+    (tmp_path / "stages" / ".tmp-a-999999").mkdir()  # as `kill -9` would leave it
+    lines = []
+    assert executor.run_plan(plan, tmp_path, tmp_path, out=lines.append) == 0
+    assert lines[:2] == ["run   a  (interrupted: resumes from scratch/a)", "      resumed from ['step-3']"]
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["a"]
+
+
+def test_a_corrupt_manifest_is_reported_and_the_stage_rerun(calls, tmp_path):
+    run(chain(), tmp_path)
+    (tmp_path / "stages/d/manifest.json").write_text("{ not json")
+    lines = run(chain(), tmp_path)[1]
+    assert lines[3].startswith("run   d  (corrupt manifest: stages/d/manifest.json: not valid JSON (")
+    assert json.loads((tmp_path / "stages/d/manifest.json").read_text())["stage"] == "d"
+
+
+def test_unimplemented_kinds_fail_before_anything_runs(calls, monkeypatch, tmp_path):
+    monkeypatch.setitem(registry.STAGES, "ghost", registry._lazy("ghost_kind_with_no_module"))
+    for kind in ("ghost", "nope"):
+        plan = plan_of(stage("a"), stage("b", ["a"], kind=kind))
+        assert run(plan, tmp_path) == (1, [
+            f"error: stage kind {kind!r} is not implemented in this runtime (stage b); run the stages before it with --only"
+        ])
+    assert calls == []
+
+
+def test_disk_full_while_storing_leaves_the_old_outputs(calls, monkeypatch, tmp_path):
+    run(chain(), tmp_path)
+    plan = plan_of(stage("a", config={"v": 2}))
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(executor, "atomic_write_json", full)
+    rc, lines = run(plan, tmp_path)
+    assert (rc, lines[-1]) == (1, "error: could not store the outputs of stage a: [Errno 28] No space left on device; "
+                                  "its previous outputs are unchanged")
+    assert json.loads((tmp_path / "stages/a/out/f").read_text()) == {"v": 1}
+    assert [p.name for p in (tmp_path / "stages").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_rename_into_place_puts_the_old_outputs_back(calls, monkeypatch, tmp_path):
+    run(chain(), tmp_path)
+    rename = os.rename
+
+    def flaky(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError(errno.EIO, "I/O error")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    assert run(plan_of(stage("a", config={"v": 2})), tmp_path)[0] == 1
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "stages/a/out/f").read_text()) == {"v": 1}
+    assert ws.evaluate(chain()["stages"][0], tmp_path).why == "up to date"
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from cascadec.runtime.executor import workspace_lock
+with workspace_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_lock_refuses_a_second_concurrent_run(calls, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert run(chain(), tmp_path) == (1, [
+            f"error: workspace {tmp_path} is in use by another cascadec run (pid {holder.pid}); "
+            "wait for it to finish or stop it"
+        ])
+        assert run(chain(), tmp_path, dry_run=True)[0] == 2  # reading is fine
+    finally:
+        holder.communicate("")
+    assert run(chain(), tmp_path)[0] == 0
+    assert calls == ["a", "b", "c", "d"]
+
+
+def test_inputs_are_resolved_against_the_workspace_and_base_dir(monkeypatch, tmp_path):
+    base = tmp_path / "spec"
+    for rel in ("models/parent/config.json", "data/b.txt", "data/a.txt", "data/skip.json"):
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_text("x")
+    plan = plan_of(stage("s", inputs=[
+        {"role": "student", "model": "parent"}, {"role": "teacher", "model": "big"}, {"role": "data", "data": "corpus"},
+    ]))
+    plan["models"] = {"parent": {"source": {"path": "models/parent"}}, "big": {"source": {"hub": "org/big"}}}
+    plan["data"] = {"corpus": {"kind": "text", "paths": ["data/*.txt"], "stream": True}}
+    seen = {}
+
+    def record(ctx):
+        seen.update(inputs=ctx.inputs, data=ctx.data)
+        (ctx.out / "out").write_text("done")
+
+    monkeypatch.setitem(registry.STAGES, "write", record)
+    assert executor.run_plan(plan, tmp_path / "work", base, out=lambda line: None) == 0
+    assert seen["inputs"] == {"student": base.resolve() / "models/parent", "teacher": "org/big"}
+    assert seen["data"] == {"corpus": {
+        "kind": "text", "stream": True, "paths": [base.resolve() / "data/a.txt", base.resolve() / "data/b.txt"],
+    }}
+    plan["data"]["corpus"]["paths"] = ["data/*.parquet"]
+    lines = []
+    assert executor.run_plan(plan, tmp_path / "work", base, out=lines.append, force=["s"]) == 1
+    assert lines[-1] == f"error: stage s: data 'corpus': no file matches data/*.parquet in {base.resolve()}"
+
+
+FAKE_STAGE_MAIN = """
+import json, sys
+ctx = json.load(open(sys.argv[1]))
+out = ctx["out"] + "/out"
+open(out, "w").write(json.dumps(ctx["inputs"]))
+print("rank 0: step 1/1", flush=True)
+json.dump({"tokens_seen": 99}, open(ctx["result"], "w"))
+sys.exit(int(ctx["stage"]["config"].get("exit", 0)))
+"""
+
+
+def test_multi_device_stages_go_through_accelerate_launch(calls, monkeypatch, tmp_path):
+    monkeypatch.setattr(executor, "launch_command", lambda st, ctx_json: [sys.executable, "-c", FAKE_STAGE_MAIN, str(ctx_json)])
+    plan = plan_of(stage("a", launch={"devices": 2, "launcher": "accelerate"}))
+    lines = []
+    assert executor.run_plan(plan, tmp_path, tmp_path, out=lines.append) == 0
+    assert "      rank 0: step 1/1" in lines
+    assert json.loads((tmp_path / "stages/a/manifest.json").read_text())["tokens_seen"] == 99
+    failing = plan_of(stage("a", config={"exit": 3}, launch={"devices": 2, "launcher": "accelerate"}))
+    assert executor.run_plan(failing, tmp_path, tmp_path, out=lines.append) == 1
+    assert lines[-1].startswith("error: stage a failed: `accelerate launch` exited with status 3")
+
+
+def test_launch_command():
+    st = stage("a", launch={"devices": 8, "launcher": "accelerate", "strategy": "fsdp", "precision": "bf16"})
+    assert executor.launch_command(st, Path("/w/ctx.json")) == [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--mixed_precision", "bf16",
+        "--use_fsdp", "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json",
+    ]
+    assert "--multi_gpu" in executor.launch_command(stage("a", launch={"devices": 2, "strategy": "ddp"}), Path("c"))
+    assert not executor.needs_launcher(stage("a"))
+    with pytest.raises(ws.WorkspaceError, match="submit the scripts from `cascadec plan --emit DIR`"):
+        executor.launch_command(stage("a", launch={"devices": 8, "launcher": "slurm"}), Path("c"))
