@@ -96,10 +96,13 @@ def _training(raw: dict, kind: str, at: tuple, inherited: Settings, assumed: lis
     budget = raw.get("tokens")
     if isinstance(budget, dict):
         budget, _ = _unwrap(budget, (*at, "tokens"), assumed)
+    prompts = raw.get("prompts")
+    if isinstance(prompts, dict):
+        prompts, _ = _unwrap(prompts, (*at, "prompts"), assumed)
     return Training(
         name=raw.get("name", kind), kind=kind, start=raw.get("from"), teacher=raw.get("teacher"),
         data=raw["data"], tokens=None if budget is None else tokens(budget),
-        prompts=quantity(raw["prompts"]) if "prompts" in raw else None,
+        prompts=None if prompts is None else quantity(prompts),
         seq_len=raw.get("seq_len", 0), options=options, settings=settings, at=at,
     )
 

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 # Decoder families the runtime can load and cut. `mistral3` is the text tower of the Mistral 3
 # vision-language model (its vision tower is carried along and not counted here).
-FAMILIES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "mistral3")
+FAMILIES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "mistral3", "nemotron")
+# Families the compiler can plan but the runtime cannot cut yet: Nemotron-4 (squared-ReLU MLP
+# with two matrices, LayerNorm with bias) is here so Minitron's published family plans exactly.
+PLAN_ONLY_FAMILIES = ("nemotron",)
 
 # HF `model_type` -> cascadec family. `ministral` (Ministral 8B 2410) has Mistral's layout.
 HF_MODEL_TYPES = {
@@ -22,6 +25,7 @@ HF_MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "mistral3": "mistral3",
+    "nemotron": "nemotron",
 }
 
 
@@ -55,6 +59,8 @@ def layer_params(s: Shape) -> int:
         attention += q + 2 * kv
     if s.family == "qwen3":  # per-head RMSNorm on queries and keys
         attention += 2 * s.head_dim
+    if s.family == "nemotron":  # up/down only; two LayerNorms with weight and bias
+        return attention + 2 * s.hidden * s.ffn + 4 * s.hidden
     mlp = 3 * s.hidden * s.ffn
     norms = 2 * s.hidden
     return attention + mlp + norms
@@ -71,7 +77,8 @@ def param_count(s: Shape) -> int:
     Reproduces the published counts: Mistral Small 3.1 text model 23,572,403,200 and
     Ministral 3 14B 13,506,073,600.
     """
-    return s.layers * layer_params(s) + embedding_params(s) + s.hidden
+    final_norm = 2 * s.hidden if s.family == "nemotron" else s.hidden
+    return s.layers * layer_params(s) + embedding_params(s) + final_norm
 
 
 def from_hf_config(config: dict) -> Shape:
@@ -151,7 +158,7 @@ def solve(
             trial = base.replace(layers=layers, hidden=hidden)
             if "ffn" in axes:
                 unit = max(1, multiple_of.get("ffn", 1))
-                slope = layers * 3 * hidden  # parameters per FFN channel
+                slope = layers * (2 if base.family == "nemotron" else 3) * hidden  # parameters per FFN channel
                 fixed_part = param_count(trial.replace(ffn=0))
                 exact = (target - fixed_part) / slope if slope else 0
                 lo = int(exact // unit) * unit

@@ -344,6 +344,21 @@ def status_table(plan: dict, workdir: Path) -> list[dict]:
     return rows
 
 
+def status_lines(plan: dict, workdir: Path) -> list[str]:
+    """What `cascadec status` prints: one `format_row` line per stage, then a count.
+
+    Raises WorkspaceError for a plan the executor could not run (print it as `error: ...`).
+    """
+    rows = status_table(plan, workdir)
+    width = max((len(r["stage"]) for r in rows), default=0)
+    todo = sum(r["state"] == RUN for r in rows)
+    return [format_row(r, width) for r in rows] + [summary(todo, len(rows) - todo, done=False)]
+
+
+def summary(ran: int, skipped: int, *, done: bool) -> str:
+    return f"{ran} {'run' if done else 'to run'}, {skipped} up to date."
+
+
 def format_row(row: dict, width: int = 0) -> str:
     """`run   distill/x/short  (config changed: config.optimizer.lr)` — the line `run` prints."""
     why = f"{row['why']}: {row['detail']}" if row.get("detail") else row["why"]

@@ -47,6 +47,7 @@ from cascadec.workspace import (
     scratch_dir,
     scratch_hash,
     stage_dir,
+    summary,
     temp_dir,
     validate_plan,
 )
@@ -82,9 +83,9 @@ def run_plan(
     try:
         stages = select(plan, only, force)
         forced = {s["id"] for s in stages if _matches(s["id"], force)}
-        for st in stages:
-            if why := registry.missing(st["kind"]):
-                raise WorkspaceError(f"{why} (stage {st['id']}); run the stages before it with --only")
+        unrunnable = [f"{why} (stage {st['id']})" for st in stages if (why := registry.missing(st["kind"]))]
+        if unrunnable and not dry_run:  # refuse before anything runs, not hours into the plan
+            raise WorkspaceError(f"{unrunnable[0]}; --only can select the stages that do not need it")
         width = max((len(s["id"]) for s in stages), default=0)
         ran, pending = 0, set()
         with contextlib.nullcontext() if dry_run else workspace_lock(workdir):
@@ -99,8 +100,9 @@ def run_plan(
                 else:
                     run_stage(plan, st, workdir, base_dir, out)
                 ran += v.state == RUN
-        up = len(stages) - ran
-        out(f"{ran} to run, {up} up to date." if dry_run else f"{ran} run, {up} up to date.")
+        out(summary(ran, len(stages) - ran, done=not dry_run))
+        if unrunnable:
+            raise WorkspaceError(f"{unrunnable[0]}; --only can select the stages that do not need it")
         return 2 if dry_run and ran else 0
     except WorkspaceError as e:
         out(f"error: {e}")
@@ -253,7 +255,8 @@ def launch_command(stage: dict, ctx_json: Path) -> list[str]:
             "from `cascadec plan --emit DIR` instead"
         )
     n = launch.get("devices", 1)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1"]
+    cmd += ["--dynamo_backend", "no"]  # stated, so accelerate does not warn about defaults
     precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}.get(launch.get("precision"))
     if precision:
         cmd += ["--mixed_precision", precision]

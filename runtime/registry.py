@@ -36,6 +36,7 @@ STAGES = {
     "grpo": _lazy("grpo"),
     "eval": _lazy("eval"),
     "export": _lazy("export"),
+    "report": _lazy("report"),
 }
 
 

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     from .registry import STAGES
+    from .train import on_cpu
 
-    state = PartialState()
+    state = PartialState(cpu=on_cpu())
     if not state.is_main_process:
         ctx.log = lambda msg: None
     metrics = STAGES[ctx.stage["kind"]](ctx)

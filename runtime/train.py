@@ -75,6 +75,12 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_ratio: float
     raise ValueError(f"unknown schedule {kind!r}; expected cosine, linear or constant")
 
 
+def on_cpu() -> bool:
+    """Without CUDA, processes started by `accelerate launch` must join a gloo group on the CPU
+    (Accelerate only does so when told ``cpu=True``; otherwise each would run alone)."""
+    return not torch.cuda.is_available()
+
+
 def mixed_precision(precision: str) -> str:
     """Accelerate's ``mixed_precision`` for the plan's precision on this machine (fp32 on CPU)."""
     if precision in ("bf16", "fp16") and torch.cuda.is_available():
@@ -94,7 +100,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     micro = int(config.get("micro_batch") or 1)
 
     # 1. Processes, precision, trackers; the data window is tokenised once (main process first).
-    accelerator = Accelerator(mixed_precision=mixed_precision(config.get("precision", "fp32")),
+    accelerator = Accelerator(cpu=on_cpu(), mixed_precision=mixed_precision(config.get("precision", "fp32")),
                               log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
                               project_dir=str(ctx.scratch))
     set_seed(int(config.get("seed", 0)))

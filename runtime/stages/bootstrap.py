@@ -19,7 +19,7 @@ from ..context import StageContext
 from ..data import documents, source_files
 from ..models import apply_rope, from_config
 from ..tokenizer import train_bpe
-from ..train import train
+from ..train import on_cpu, train
 
 TOKENIZER_CHARS = 20_000_000  # BPE is trained on the first files up to this many characters
 
@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> dict:
 def tokenizer_for(ctx: StageContext, vocab: int) -> Path:
     """Train (once; kept in scratch so a resumed run tokenises identically) the stage's BPE."""
     path = Path(ctx.scratch) / "tokenizer"
-    with PartialState().main_process_first():
+    with PartialState(cpu=on_cpu()).main_process_first():
         if not (path / "tokenizer.json").exists():
             _train_tokenizer(ctx, vocab, path)
     return path

@@ -22,14 +22,14 @@ from ..context import StageContext
 from ..data import Window, open_stream
 from ..models import load_model
 from ..topk_cache import INDEX, value_dtype
-from ..train import decoder_hidden, mixed_precision
+from ..train import decoder_hidden, mixed_precision, on_cpu
 
 BLOCK = 64  # sequences per shard
 CHUNK_TOKENS = 1024  # tokens per head matmul: the full [tokens x vocab] logits never exist
 
 
 def run(ctx: StageContext) -> dict:
-    config, state, started = ctx.config, PartialState(), time.perf_counter()
+    config, state, started = ctx.config, PartialState(cpu=on_cpu()), time.perf_counter()
     seq_len, tokens, k = int(config["seq_len"]), int(config["tokens"]), int(config["top_k"])
     if tokens % seq_len:
         raise ValueError(f"tokens {tokens} is not a whole number of {seq_len}-token sequences")

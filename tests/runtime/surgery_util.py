@@ -45,8 +45,16 @@ def shape(model_dir: Path):
     return from_hf_config(adapters.read_config(model_dir))
 
 
+def text_source(tmp: Path, repeat: int = 4) -> dict:
+    """A calibration text file (the tokenizer's own corpus; scanning the stdlib is slower)."""
+    path = Path(tmp) / "calibration.txt"
+    path.write_text(tinymodels.TEXT * repeat)
+    return {"kind": "text", "paths": [str(path)], "field": "text"}
+
+
 def stats(model_dir: Path, samples: int = 4, seq_len: int = 32) -> dict:
-    return calibrate.calibrate(model_dir, source=None, samples=samples, seq_len=seq_len, progress=False)[0]
+    source = text_source(Path(model_dir).parent)
+    return calibrate.calibrate(model_dir, source=source, samples=samples, seq_len=seq_len, progress=False)[0]
 
 
 def ids(n: int = 2, length: int = 24, seed: int = 0, vocab: int = tinymodels.TINY["vocab"]) -> torch.Tensor:

@@ -203,9 +203,9 @@ def test_unimplemented_kinds_fail_before_anything_runs(calls, monkeypatch, tmp_p
     monkeypatch.setitem(registry.STAGES, "ghost", registry._lazy("ghost_kind_with_no_module"))
     for kind in ("ghost", "nope"):
         plan = plan_of(stage("a"), stage("b", ["a"], kind=kind))
-        assert run(plan, tmp_path) == (1, [
-            f"error: stage kind {kind!r} is not implemented in this runtime (stage b); run the stages before it with --only"
-        ])
+        message = f"error: stage kind {kind!r} is not implemented in this runtime (stage b); --only can select the stages that do not need it"
+        assert run(plan, tmp_path) == (1, [message])
+        assert run(plan, tmp_path, dry_run=True) == (1, ["run   a  (new)", "run   b  (new)", "2 to run, 0 up to date.", message])
     assert calls == []
 
 
@@ -313,6 +313,7 @@ def test_multi_device_stages_go_through_accelerate_launch(calls, monkeypatch, tm
     assert executor.run_plan(plan, tmp_path, tmp_path, out=lines.append) == 0
     assert "      rank 0: step 1/1" in lines
     assert json.loads((tmp_path / "stages/a/manifest.json").read_text())["tokens_seen"] == 99
+    assert calls == []  # it ran in the launched process, not in this one
     failing = plan_of(stage("a", config={"exit": 3}, launch={"devices": 2, "launcher": "accelerate"}))
     assert executor.run_plan(failing, tmp_path, tmp_path, out=lines.append) == 1
     assert lines[-1].startswith("error: stage a failed: `accelerate launch` exited with status 3")
@@ -321,7 +322,8 @@ def test_multi_device_stages_go_through_accelerate_launch(calls, monkeypatch, tm
 def test_launch_command():
     st = stage("a", launch={"devices": 8, "launcher": "accelerate", "strategy": "fsdp", "precision": "bf16"})
     assert executor.launch_command(st, Path("/w/ctx.json")) == [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--mixed_precision", "bf16",
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--num_machines", "1",
+        "--dynamo_backend", "no", "--mixed_precision", "bf16",
         "--use_fsdp", "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json",
     ]
     assert "--multi_gpu" in executor.launch_command(stage("a", launch={"devices": 2, "strategy": "ddp"}), Path("c"))
