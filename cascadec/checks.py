@@ -27,8 +27,9 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     cps = resolve.checkpoints(spec)
     refs = sorted(cps)
 
-    def unknown(code, what, ref, at, choices=refs):
-        hint = did_you_mean(ref, choices)
+    def unknown(code, what, ref, at, choices=refs, child=None):
+        local = [r.split("/", 1)[1] for r in choices if child is not None and r.startswith(child.name + "/")]
+        hint = did_you_mean(ref, [*choices, *local])
         diag(code, f"unknown {what} '{ref}'", at,
              (hint + " " if hint else "") + f"known: {', '.join(sorted(choices)) or 'none'}")
 
@@ -101,8 +102,8 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         if src is None:
             unknown("CSC201", "checkpoint", c.prune_from, (*c.at, "prune_from"))
             continue
-        owner = src.model or src.child
-        owner_graph.add_edge(owner, c.name)
+        # a model is a root: a child that shares its name (CSC205 above) must not look like a cycle
+        owner_graph.add_edge(("model", src.model) if src.model else src.child, c.name)
         if src.model is None and src.ref.count("/") == 2:
             diag("CSC218", f"child '{c.name}' is pruned from a post-trained checkpoint '{c.prune_from}'",
                  (*c.at, "prune_from"), "cascades prune a base checkpoint (Ministral 3: the short-context one)",
@@ -142,9 +143,9 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                      (*at, "params"), "a child must be smaller than what it is cut from")
         if target is None:
             continue
-        merged = dict(c.shape.explicit)
-        _check_heads(diag, {"heads": target.heads, "kv_heads": target.kv_heads, "hidden": target.hidden,
-                            "head_dim": target.head_dim, **merged}, at)
+        attention = ("heads", "kv_heads", "hidden", "head_dim")
+        if any(getattr(target, a) != getattr(source, a) for a in attention):
+            _check_heads(diag, {a: getattr(target, a) for a in attention}, at, written=c.shape.explicit)
         if (target.heads, target.kv_heads) != (source.heads, source.kv_heads):
             method = c.methods.get("heads", "none")
             if method == "none":
@@ -166,6 +167,9 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
 
     # -- trainings: references, teachers, budgets ---------------------------------------------
     shares = []
+    refs_seen: dict = {}
+    for *_, ref in resolve.trainings(spec):
+        refs_seen[ref] = refs_seen.get(ref, 0) + 1
     for c, variant, t, ref in resolve.trainings(spec):
         check_data(t.data, (*t.at, "data"))
         start = resolve.starts(c)[ref]
@@ -175,15 +179,15 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         else:
             cp = resolve.lookup(start, cps, c)
             if cp is None:
-                unknown("CSC204", "checkpoint", start, (*t.at, "from"))
-            elif cp.order >= cps[ref].order:
+                unknown("CSC204", "checkpoint", start, (*t.at, "from"), child=c)
+            elif cp.order >= cps[ref].order and refs_seen[ref] == 1:
                 diag("CSC218", f"'{ref}' starts from '{start}', which comes after it", (*t.at, "from"),
                      "start from an earlier phase or step")
         student = shapes.get(c.name)
         if t.teacher is not None:
             tcp = resolve.lookup(t.teacher, cps, c)
             if tcp is None:
-                unknown("CSC202", "teacher", t.teacher, (*t.at, "teacher"))
+                unknown("CSC202", "teacher", t.teacher, (*t.at, "teacher"), child=c)
             else:
                 teacher = shapes.get(tcp.model or tcp.child)
                 if teacher is not None and student is not None:
@@ -251,15 +255,18 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     return out
 
 
-def _check_heads(diag, arch: dict, at: tuple):
+def _check_heads(diag, arch: dict, at: tuple, written=None):
+    """GQA and head_dim rules; ``written``: the keys the user wrote at ``at`` (default: all of ``arch``)."""
+    written = arch if written is None else written
     heads, kv = arch.get("heads"), arch.get("kv_heads")
     if heads and kv and heads % kv:
-        diag("CSC208", f"{heads} attention heads are not divisible by {kv} kv heads", (*at, "kv_heads"),
+        diag("CSC208", f"{heads} attention heads are not divisible by {kv} kv heads",
+             (*at, "kv_heads" if "kv_heads" in written or "heads" not in written else "heads"),
              "grouped-query attention needs heads to be a multiple of kv_heads")
     hidden, head_dim = arch.get("hidden"), arch.get("head_dim")
     if heads and hidden and head_dim is None and hidden % heads:
         diag("CSC209", f"hidden {hidden} is not divisible by {heads} heads, and no head_dim is given",
-             (*at, "heads"), f"set `head_dim:` explicitly (e.g. {max(1, hidden // heads) // 2 * 2})")
+             (*at, "heads"), f"set `head_dim:` explicitly (e.g. {max(2, hidden // heads // 2 * 2)})")
     if head_dim is not None and head_dim % 2:
         diag("CSC209", f"head_dim {head_dim} is odd; rotary embeddings need an even head_dim",
              (*at, "head_dim"), "use an even head_dim")

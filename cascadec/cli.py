@@ -91,15 +91,13 @@ def load_plan_or_spec(path: str, *, replan: bool = False):
     if not plan.get("spec_file") or not os.path.isfile(spec):
         _err(f"the spec this plan came from ({spec}) is missing", "keep the plan beside its spec, or re-plan")
         return None
-    import hashlib
+    from .workspace import check_saved_plan
 
     with open(spec, "rb") as f:
-        now = hashlib.sha256(f.read()).hexdigest()
-    if now != plan["spec_sha256"]:
+        stale = check_saved_plan(plan, f.read())
+    if stale:
         if not replan:
-            _err(f"{spec} has changed since {path} was planned",
-                 f"review the change with `cascadec plan {spec}`, then save it again "
-                 f"(`cascadec plan {spec} -o {path}`), or pass --replan to run the new plan")
+            _err(f"{path}: {stale}", f"review the change with `cascadec plan {spec}` first")
             return None
         result = _compile(spec)
         if result is None:
@@ -139,8 +137,9 @@ def cmd_plan(args) -> int:
         from . import emit
 
         plan_ref = args.output or args.spec
-        emit.write(args.emit, emit.render(plan, os.path.relpath(plan_ref, args.emit),
-                                          args.workdir or f"runs/{plan['family']}"))
+        # the scripts cd into DIR, so both paths are written relative to it
+        workdir = os.path.relpath(args.workdir or f"runs/{plan['family']}", args.emit)
+        emit.write(args.emit, emit.render(plan, os.path.relpath(plan_ref, args.emit), workdir))
     if args.output:
         _write_atomic(args.output, canonical(plan))
     if args.format == "json" and not args.output:
@@ -165,11 +164,19 @@ def cmd_graph(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    from . import plancheck
     from .diff import diff
 
     plans = []
     for path in (args.old, args.new):
-        loaded = load_plan_or_spec(path, replan=True)
+        if _is_plan(path):  # a saved plan is compared as saved, even when its spec has moved on since
+            plan = plancheck.load(path)
+            if isinstance(plan, str):
+                _err(plan, "regenerate it with `cascadec plan SPEC -o PLAN`")
+                return EXIT_USAGE
+            plans.append(plan)
+            continue
+        loaded = load_plan_or_spec(path)
         if loaded is None:
             return EXIT_USAGE
         plans.append(loaded[0])
@@ -193,8 +200,12 @@ def cmd_status(args) -> int:
     if loaded is None:
         return EXIT_ERRORS
     plan, spec = loaded
-    for line in workspace.status_lines(plan, _workdir(args, plan)):
-        print(line)
+    try:
+        lines = workspace.status_lines(plan, _workdir(args, plan))
+    except workspace.WorkspaceError as e:
+        _err(str(e))
+        return EXIT_ERRORS
+    print("\n".join(lines))
     return EXIT_OK
 
 

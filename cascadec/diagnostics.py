@@ -54,7 +54,7 @@ def render(d: Diagnostic, text: str | None = None) -> str:
     if d.span is not None and text is not None:
         lines = text.splitlines()
         if 0 < d.span.line <= len(lines):
-            src = lines[d.span.line - 1]
+            src = lines[d.span.line - 1].replace("\x00", "\u2400")  # show NUL as ␀, one column wide
             gutter = str(d.span.line)
             pad = " " * len(gutter)
             width = 1

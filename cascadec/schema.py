@@ -54,8 +54,25 @@ def _leaf(error):
     return error
 
 
+def _alternatives(error) -> list:
+    """The leaf errors of an anyOf/oneOf/allOf at the error's own path (what each branch wanted)."""
+    out = []
+    for sub in error.context or ():
+        if len(sub.absolute_path) == len(error.absolute_path):
+            out.extend(_alternatives(sub) if sub.context else [sub])
+    return out
+
+
 def _diagnostic(doc: Document, error) -> Diagnostic:
     error = _leaf(error)
+    if error.validator in ("anyOf", "oneOf"):
+        # `tokens: 3 trillion` fails every branch at its own path; say what a count or a budget is
+        alts = _alternatives(error)
+        patterns = " ".join(e.schema["pattern"] for e in alts if e.validator == "pattern")
+        if patterns and "%" in patterns:
+            error = next(e for e in alts if e.validator == "pattern" and "%" in e.schema["pattern"])
+        elif patterns:
+            error = next(e for e in alts if e.validator == "pattern")
     path = tuple(error.absolute_path)
     where = _where(path)
     kind = error.validator
@@ -84,10 +101,14 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
         want = schema["type"]
         wants = " or ".join(TYPE_NAMES[t] for t in (want if isinstance(want, list) else [want]))
         message = f"{where} must be {wants}, not {TYPE_NAMES[_type_of(value)]}"
-        if want == "object" and isinstance(value, list):
+        if want == "object" and not path:
+            help = "a spec is a YAML mapping of `key: value` lines; start from specs/tiny.yaml"
+        elif want == "object" and isinstance(value, list):
             help = "write `key: value` lines here, not `- item` lines"
         elif want == "array" and isinstance(value, dict):
             help = "write a list (`- item` lines) here"
+        elif want in ("integer", "number") and isinstance(value, str):
+            help = f"write {wants} here, without quotes or units"
     elif kind == "enum":
         code = "CSC104"
         choices = [str(c) for c in schema["enum"]]

@@ -15,7 +15,10 @@ from .diagnostics import CompileError, Diagnostic, Span
 
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 MAX_NODES = 100_000  # alias expansion bound: a YAML "billion laughs" stops here
+MAX_DEPTH = 100  # nesting bound; a real spec nests fewer than ten levels
 MAX_BYTES = 4 * 1024 * 1024
+# libyaml's composer when PyYAML has it (15x faster; it also caps nesting at 1,000 levels itself)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 CORE_TAGS = {
     "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
     "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null", "tag:yaml.org,2002:map",
@@ -47,8 +50,8 @@ def _span(node) -> Span:
     return Span(line=start.line + 1, col=start.column + 1, end_col=end_col)
 
 
-def _fail(path: str, code: str, message: str, span: Span | None = None, help: str | None = None):
-    raise CompileError([Diagnostic(code=code, message=message, path=path, span=span, help=help)])
+def _fail(path: str, code: str, message: str, span: Span | None = None, help: str | None = None, notes=()):
+    raise CompileError([Diagnostic(code=code, message=message, path=path, span=span, help=help, notes=tuple(notes))])
 
 
 def parse(text: str, path: str) -> Document:
@@ -56,32 +59,48 @@ def parse(text: str, path: str) -> Document:
     if not text.strip():
         _fail(path, "CSC002", "the spec is empty",
               help="start from specs/tiny.yaml, or run `cascadec validate` on an existing spec")
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         span = Span(line=mark.line + 1, col=mark.column + 1) if mark else None
         problem = e.problem or e.context or "invalid YAML"
+        notes = []
+        if e.problem and e.context and e.context_mark and e.context_mark is not mark:
+            notes.append(f"{e.context} that starts at {e.context_mark.line + 1}:{e.context_mark.column + 1}")
         _fail(path, "CSC003", f"invalid YAML: {problem}", span,
-              help="check indentation and quoting near this position")
+              help="check indentation and quoting near this position", notes=notes)
     except yaml.YAMLError as e:
         _fail(path, "CSC003", f"invalid YAML: {e}")
+    except RecursionError:
+        _fail(path, "CSC006", f"the document nests deeper than {MAX_DEPTH} levels",
+              help="a spec is a few levels of mappings and lists; check for runaway brackets")
     finally:
         loader.dispose()
     spans: dict = {}
     budget = [MAX_NODES]
+    ancestors: set = set()  # ids of the collection nodes on the current path
 
     def build(node, at: tuple):
         budget[0] -= 1
         if budget[0] < 0:
-            _fail(path, "CSC006", f"the document expands to more than {MAX_NODES} nodes",
-                  _span(node), help="remove recursive or repeated YAML aliases (*name)")
+            _fail(path, "CSC006", f"YAML aliases expand the document past {MAX_NODES:,} nodes (in '{at[0]}')",
+                  spans.get(("key", at[0])) or spans.get(at[:1]),
+                  help="remove repeated YAML aliases (*name); write the values out")
+        if id(node) in ancestors:
+            _fail(path, "CSC006", "a YAML alias refers to a node that contains it",
+                  spans.get(("key", *at)) or spans.get(at[:-1]),
+                  help="remove the recursive alias (*name)")
+        if len(at) > MAX_DEPTH:
+            _fail(path, "CSC006", f"the document nests deeper than {MAX_DEPTH} levels", _span(node),
+                  help="a spec is a few levels of mappings and lists; check for runaway brackets")
         spans[at] = _span(node)
         if node.tag not in CORE_TAGS:
             _fail(path, "CSC005", f"YAML tag {node.tag!r} is not allowed", _span(node),
                   help="specs use plain YAML values; quote the value if it is a string")
         if isinstance(node, yaml.MappingNode):
+            ancestors.add(id(node))
             out = {}
             for knode, vnode in node.value:
                 if not isinstance(knode, yaml.ScalarNode):
@@ -95,18 +114,23 @@ def parse(text: str, path: str) -> Document:
                           help=f"'{key}' is already set above in this mapping; keep one")
                 spans[("key", *at, key)] = _span(knode)
                 out[key] = build(vnode, (*at, key))
+            ancestors.discard(id(node))
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [build(v, (*at, i)) for i, v in enumerate(node.value)]
+            ancestors.add(id(node))
+            out = [build(v, (*at, i)) for i, v in enumerate(node.value)]
+            ancestors.discard(id(node))
+            return out
         if node.tag == "tag:yaml.org,2002:str":
             # YAML 1.1 reads an unquoted `1e-4` as a string; in a spec it is a number.
-            if node.style is None and _SCIENTIFIC.match(node.value):
+            if not node.style and _SCIENTIFIC.match(node.value):  # plain: None (Python) or "" (libyaml)
                 return float(node.value)
             return node.value
         return _scalar(node)
 
     if root is None:
-        _fail(path, "CSC002", "the spec is empty", help="a spec is a YAML mapping; see specs/tiny.yaml")
+        _fail(path, "CSC002", "the spec is empty",
+              help="start from specs/tiny.yaml, or run `cascadec validate` on an existing spec")
     data = build(root, ())
     return Document(path=path, text=text, data=data, spans=spans)
 
@@ -138,8 +162,10 @@ def load(path: str) -> Document:
         _fail(path, "CSC001", f"not UTF-8 text (byte 0x{raw[e.start]:02x})", Span(line=line, col=col),
               help="save the spec as UTF-8 YAML")
     if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        _fail(path, "CSC001", "the file contains NUL bytes; is it binary?", Span(line=line, col=1))
+        at = text.index("\x00")
+        line = text.count("\n", 0, at) + 1
+        _fail(path, "CSC001", "the file contains NUL bytes; is it binary?",
+              Span(line=line, col=at - (text.rfind("\n", 0, at) + 1) + 1), help="save the spec as UTF-8 YAML text")
     return parse(text, path)
 
 
@@ -155,7 +181,7 @@ def model_configs(doc: Document) -> dict[str, dict]:
     base = os.path.dirname(doc.path)
     out = {}
     models = doc.data.get("models") if isinstance(doc.data, dict) else None
-    for name, m in (models or {}).items():
+    for name, m in (models if isinstance(models, dict) else {}).items():
         src = m.get("source") if isinstance(m, dict) else None
         if isinstance(src, dict) and isinstance(src.get("path"), str) and "arch" not in m:
             try:

@@ -188,6 +188,7 @@ def _files(where: Path, stage: dict):
         top = Path(where) / out[len(prefix):]
         if top.is_file():
             yield out, top
+            continue
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames.sort()
             for name in sorted(filenames):
@@ -278,10 +279,9 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
         manifest = read_manifest(workdir, sid)
     except ManifestError as e:
         return Verdict(RUN, CORRUPT, str(e))
-    unfinished = scratch_hash(workdir, sid) == stage["hash"] or bool(leftovers(workdir, sid))
     if manifest is None or manifest["hash"] != stage["hash"]:
-        if unfinished:
-            resumes = scratch_hash(workdir, sid) == stage["hash"]
+        resumes = scratch_hash(workdir, sid) == stage["hash"]
+        if resumes or leftovers(workdir, sid):
             return Verdict(RUN, INTERRUPTED, f"resumes from scratch/{sid}" if resumes else "starts over")
         if manifest is None:
             return Verdict(RUN, NEW)

@@ -99,10 +99,11 @@ def read_config(model_dir: Path) -> dict:
 def for_config(config: dict) -> Adapter:
     """The adapter for a ``config.json`` mapping; ValueError for an unsupported model_type."""
     model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        supported = ", ".join(sorted(HF_MODEL_TYPES))
+    runtime_types = {t: f for t, f in HF_MODEL_TYPES.items() if f in EXTRA}  # some families are plan-only
+    if model_type not in runtime_types:
+        supported = ", ".join(sorted(runtime_types))
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported}")
-    return for_family(HF_MODEL_TYPES[model_type])
+    return for_family(runtime_types[model_type])
 
 
 def load_model(model_dir: Path, *, dtype=None, device: str = "cpu"):

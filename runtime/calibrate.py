@@ -46,6 +46,7 @@ class Accumulator:
         self.tokens = 0  # tokens seen per layer
         self.sequences = 0
         self.last: list[torch.Tensor | None] = [None] * (n_layers + 1)  # last-token states
+        self.batch_xx: torch.Tensor | None = None  # this batch's second moment, float32
 
     def add(self, name: str, value: torch.Tensor, index=None) -> None:
         value = value.detach().to("cpu", torch.float64)
@@ -70,7 +71,10 @@ class Accumulator:
                 self.last[self.n] = y[:, -1].float()
 
     def end_batch(self) -> None:
-        """Pairwise angular distances between the last-token states of this batch."""
+        """Fold this batch's second moment into float64; pairwise angular distances."""
+        if self.batch_xx is not None:
+            self.add("hidden_xx", self.batch_xx)
+            self.batch_xx = None
         if "angular" not in self.scores:
             return
         states = torch.nn.functional.normalize(torch.stack(self.last).double(), dim=-1)  # [L+1, B, d]
@@ -111,9 +115,11 @@ def install_hooks(decoder, acc: Accumulator, head_dim: int) -> list:
     def on_norm(slot):
         def hook(m, args, out):
             x = args[0]
-            if "hidden_pca" in scores:
+            if "hidden_pca" in scores:  # float32 within a batch (addmm in place), float64 across
                 flat = x.reshape(-1, x.shape[-1]).float()
-                acc.add("hidden_xx", flat.T @ flat)
+                if acc.batch_xx is None:
+                    acc.batch_xx = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+                acc.batch_xx.addmm_(flat.T, flat)
             if "hidden_channel" in scores:
                 acc.add("hidden_sq", out.float().abs().mean(1).pow(2).sum(0), slot)
                 acc.add("hidden_x2", x.float().pow(2).sum((0, 1)))

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-DEFAULT_SHARD_BYTES = 512 * 2**20
+DEFAULT_SHARD_BYTES = 4 * 2**30  # like the Hub's usual ~5 GB shards; memory does not depend on it
 
 
 class Reader:
@@ -44,6 +43,15 @@ class Reader:
     def keys(self) -> list[str]:
         return sorted(self.files)
 
+    def row_chunks(self, key: str, rows: int = 4096):
+        """Yield ``key`` in blocks of ``rows`` rows, reopening the file per block (see above), so
+        a vocabulary-sized matrix is never resident whole."""
+        with safe_open(self.files[key], "pt") as f:
+            n = f.get_slice(key).get_shape()[0]
+        for start in range(0, n, rows):
+            with safe_open(self.files[key], "pt") as f:
+                yield f.get_slice(key)[start:start + rows]
+
     def read(self, keys) -> dict[str, torch.Tensor]:
         """Tensors for ``keys`` (absent keys are skipped), one open per file."""
         by_file: dict[Path, list[str]] = {}
@@ -57,43 +65,81 @@ class Reader:
         return out
 
 
+# safetensors dtype codes (the format's spec)
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+
+
 class ShardWriter:
-    """Writes tensors into shards of at most ``max_bytes`` (one shard: ``model.safetensors``)."""
+    """Streams tensors to disk as they come, in shards of about ``max_bytes`` each.
+
+    Written by hand because ``safetensors.torch.save_file`` serialises a whole dict at once, so
+    going through it means holding a full shard in memory. The file format is small and fixed:
+    an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets;
+    space-padded to a multiple of 8), then the raw bytes. Tensor bytes go to a ``.data`` file as
+    they arrive; ``close`` writes each shard's header and appends its data (a disk copy, no
+    memory). A shard ends once it reaches ``max_bytes``; one shard is named
+    ``model.safetensors``, several get transformers' names and an index.
+    """
 
     def __init__(self, out_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
         self.dir, self.max_bytes = Path(out_dir), max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.shards: list[dict] = []  # per shard: name -> header entry
+        self.data = None
+        self.offset = 0
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
+        self.add_rows(key, list(tensor.shape), tensor.dtype, [tensor])
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, self.dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append(sorted(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def add_rows(self, key: str, shape: list[int], dtype: torch.dtype, chunks) -> None:
+        """Write one tensor of ``shape`` from consecutive row blocks (row-major, so they append)."""
+        if self.data is None or self.offset >= self.max_bytes:
+            self._start()
+        begin = self.offset
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise TypeError(f"{key}: block of {chunk.dtype}, tensor of {dtype}")
+            raw = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self.data.write(memoryview(raw))
+            self.offset += raw.nbytes
+        expected = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        if self.offset - begin != expected:
+            raise ValueError(f"{key}: wrote {self.offset - begin} bytes for shape {shape}, expected {expected}")
+        self.shards[-1][key] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, self.offset]}
+        self.total_bytes += self.offset - begin
+
+    def _start(self) -> None:
+        if self.data is not None:
+            self.data.close()
+        self.shards.append({})
+        self.data = open(self.dir / f"shard-{len(self.shards) - 1:05d}.data", "wb")
+        self.offset = 0
+
+    def _finish(self, i: int, name: str) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.shards[i]}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        data = self.dir / f"shard-{i:05d}.data"
+        with open(self.dir / name, "wb") as out, open(data, "rb") as f:
+            out.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(f, out, 16 * 2**20)
+        data.unlink()
 
     def close(self) -> None:
         """Name the shards as transformers expects and write the index when there are several."""
-        self.flush()
+        if self.data is None:
+            self._start()
+        self.data.close()
         n = len(self.shards)
         if n == 1:
-            os.replace(self.dir / "shard-00000.tmp", self.dir / "model.safetensors")
+            self._finish(0, "model.safetensors")
             return
         weight_map = {}
-        for i, keys in enumerate(self.shards):
+        for i, entries in enumerate(self.shards):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / name)
-            weight_map.update({k: name for k in keys})
+            self._finish(i, name)
+            weight_map.update({k: name for k in entries})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 

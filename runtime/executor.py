@@ -84,8 +84,9 @@ def run_plan(
         stages = select(plan, only, force)
         forced = {s["id"] for s in stages if _matches(s["id"], force)}
         unrunnable = [f"{why} (stage {st['id']})" for st in stages if (why := registry.missing(st["kind"]))]
-        if unrunnable and not dry_run:  # refuse before anything runs, not hours into the plan
-            raise WorkspaceError(f"{unrunnable[0]}; --only can select the stages that do not need it")
+        refusal = unrunnable and f"{unrunnable[0]}; --only can select the stages that do not need it"
+        if refusal and not dry_run:  # refuse before anything runs, not hours into the plan
+            raise WorkspaceError(refusal)
         width = max((len(s["id"]) for s in stages), default=0)
         ran, pending = 0, set()
         with contextlib.nullcontext() if dry_run else workspace_lock(workdir):
@@ -101,8 +102,8 @@ def run_plan(
                     run_stage(plan, st, workdir, base_dir, out)
                 ran += v.state == RUN
         out(summary(ran, len(stages) - ran, done=not dry_run))
-        if unrunnable:
-            raise WorkspaceError(f"{unrunnable[0]}; --only can select the stages that do not need it")
+        if refusal:
+            raise WorkspaceError(refusal)
         return 2 if dry_run and ran else 0
     except WorkspaceError as e:
         out(f"error: {e}")
@@ -123,7 +124,7 @@ def select(plan: dict, only, force) -> list[dict]:
     chosen = [s for s in stages if s["id"] in wanted]
     for flag, globs, pool in (("--only", only, stages), ("--force", force, chosen)):
         for g in globs:
-            if not any(fnmatch.fnmatchcase(s["id"], g) for s in pool):
+            if not any(_matches(s["id"], [g]) for s in pool):
                 hint = did_you_mean(g, [s["id"] for s in pool])
                 scope = "no stage selected by --only" if only and pool is chosen else "no stage"
                 raise WorkspaceError(f"{flag} {g!r} matches {scope}" + (f"; {hint}" if hint else ""))
@@ -197,6 +198,9 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
+    for parent in scratch.relative_to(workdir / "scratch").parents[:-1]:  # scratch/distill/x ...
+        with contextlib.suppress(OSError):
+            (workdir / "scratch" / parent).rmdir()  # only if empty
     out(f"      done in {time.monotonic() - started:.1f}s")
 
 

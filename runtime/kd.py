@@ -144,41 +144,48 @@ def _teacher_chunk(rows, t_hidden, t_weight, t_values, t_indices, spec, like):
 
 
 def chunk_loss_and_grad(z, labels, spec: LossSpec, teacher_z=None, support=None):
-    """Summed loss of one chunk of fp32 student logits ``z`` [C, V] and dL/dz (not yet averaged)."""
+    """Summed loss of one chunk of student logits ``z`` [C, V] and dL/dz (not yet averaged).
+
+    Works in place: ``z`` and ``teacher_z`` are overwritten (``z`` becomes the returned
+    gradient), so a chunk costs about three [C, V] buffers, not the ten a naive version holds.
+    """
     w = spec.ce_weight if teacher_z is not None else 1.0
-    loss = torch.zeros((), dtype=z.dtype, device=z.device)
-    grad = torch.zeros_like(z)
-    if w < 1.0:
-        kd, kd_grad = _kd(z, teacher_z, support, spec)
-        loss, grad = loss + (1.0 - w) * kd, grad.add_(kd_grad, alpha=1.0 - w)
-    if w > 0.0:
-        ce, ce_grad = _cross_entropy(z, labels)
-        loss, grad = loss + w * ce, grad.add_(ce_grad, alpha=w)
-    return loss, grad
+    ce, ce_grad = _cross_entropy(z, labels) if w > 0.0 else (0.0, None)
+    if w >= 1.0:
+        return ce, ce_grad
+    kd, grad = _kd(z, teacher_z, support, spec)
+    if ce_grad is None:
+        return kd, grad
+    return (1.0 - w) * kd + w * ce, grad.mul_(1.0 - w).add_(ce_grad, alpha=w)
 
 
 def _kd(z, teacher_z, support, spec: LossSpec):
+    """KD loss and its gradient in ``z``'s storage (see the module docstring for the formulas)."""
     tau = spec.temperature
-    u = z / tau
     if support is not None and spec.kind != "forward_kl":
-        u.masked_fill_(~support, float("-inf"))
-    log_s = torch.log_softmax(u, dim=-1)
-    s = log_s.exp()
-    log_p = torch.log_softmax(teacher_z / tau, dim=-1)
+        z.masked_fill_(~support, float("-inf"))  # the student renormalised over the top-k
+    log_s = _log_softmax_(z.div_(tau))
+    log_p = _log_softmax_(teacher_z.div_(tau))
     p = log_p.exp()
+    log_p.masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0 off the top-k support
     if spec.kind == "forward_kl":
-        per_token = _plogq(p, log_p) - _plogq(p, log_s)
-        grad = s.sub_(p)
+        per_token = _rowdot(p, log_p) - _rowdot(p, log_s)
+        grad = log_s.exp_().sub_(p)
     elif spec.kind == "reverse_kl":
-        d = torch.where(s > 0, log_s - log_p, 0.0)
-        per_token = (s * d).sum(-1, keepdim=True)
+        s = log_s.exp()
+        d = log_s.sub_(log_p).masked_fill_(s == 0, 0.0)
+        per_token = _rowdot(s, d)
         grad = d.sub_(per_token).mul_(s)
     else:
-        log_m = torch.log(p.mul(JSD_BETA).add_(s, alpha=1 - JSD_BETA))
-        per_token = JSD_BETA * (_plogq(p, log_p) - _plogq(p, log_m))
-        per_token += (1 - JSD_BETA) * (_plogq(s, log_s) - _plogq(s, log_m))
-        g = torch.where(s > 0, (1 - JSD_BETA) * (log_s - log_m), 0.0)
-        grad = g.sub_((s * g).sum(-1, keepdim=True)).mul_(s)
+        s = log_s.exp()
+        log_s.masked_fill_(s == 0, 0.0)
+        m = p.mul(JSD_BETA).add_(s, alpha=1 - JSD_BETA)
+        log_m = m.log().masked_fill_(m == 0, 0.0)
+        del m
+        per_token = JSD_BETA * (_rowdot(p, log_p) - _rowdot(p, log_m))
+        per_token += (1 - JSD_BETA) * (_rowdot(s, log_s) - _rowdot(s, log_m))
+        g = log_m.neg_().add_(log_s).mul_(1 - JSD_BETA).masked_fill_(s == 0, 0.0)
+        grad = g.sub_(_rowdot(s, g)).mul_(s)
     return tau * tau * per_token.sum(), grad.mul_(tau)
 
 
@@ -190,6 +197,11 @@ def _cross_entropy(z, labels):
     return -picked.sum(), grad
 
 
-def _plogq(p, log_q):
-    """Σ p·log q per row, with 0·log 0 = 0 (the top-k teacher and student are zero off-support)."""
-    return torch.where(p > 0, p * log_q, 0.0).sum(-1, keepdim=True)
+def _log_softmax_(x):
+    """log_softmax in place (torch has no in-place variant; this saves a [C, V] buffer)."""
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _rowdot(a, b):
+    """Σ_v a·b per row, [C, 1], as a batched matmul so no [C, V] product is materialised."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).squeeze(2)

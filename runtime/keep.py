@@ -17,13 +17,15 @@ METHODS = {
     "layers": {"norm_ratio", "block_influence", "angular"},
     "hidden": {"pca", "channel"},
     "ffn": {"activation", "ffn_activation"},
-    "heads": {"importance", "heads"},
+    # The compiler writes `query` (query heads within groups) or `kv_groups` (whole groups); one
+    # GQA-aware algorithm serves both, and the target shape says which counts change.
+    "heads": {"importance", "heads", "query", "kv_groups"},
 }
 # The calibration score each method reads.
 NEEDS = {"norm_ratio": "norm_ratio", "block_influence": "block_influence",
          "angular": "angular_distance", "pca": "hidden_covariance", "channel": "hidden_channel",
          "activation": "ffn_activation", "ffn_activation": "ffn_activation",
-         "importance": "heads", "heads": "heads"}
+         "importance": "heads", "heads": "heads", "query": "heads", "kv_groups": "heads"}
 # The calibrate-stage score (calibrate.SCORES) that produces it, where the name differs.
 SCORE = {"angular": "angular", "pca": "hidden_pca", "channel": "hidden_channel"}
 
@@ -65,7 +67,8 @@ def check(source: Shape, target: Shape, methods: dict, stats: dict | None) -> No
     changed = {"layers": source.layers != target.layers, "hidden": source.hidden != target.hidden,
                "ffn": source.ffn != target.ffn,
                "heads": (source.heads, source.kv_heads) != (target.heads, target.kv_heads)}
-    for axis, method in methods.items():
+    for axis in METHODS:
+        method = methods.get(axis)
         if method is not None and method not in METHODS[axis]:
             raise SurgeryError(f"unknown {axis} method {method!r}",
                                f"use one of: {', '.join(sorted(METHODS[axis]))}")

@@ -46,7 +46,12 @@ def load_model(path: Path, *, rope: dict | None = None, dtype=None):
     return model_class(config).from_pretrained(path, config=config, dtype=dtype or torch.float32)
 
 
-def from_config(config):
-    """A randomly initialised model of ``config`` (seed it first)."""
+def init_model(config, *, seed: int, rope: dict | None = None):
+    """A randomly initialised model of ``config`` (with ``rope`` applied), reproducible from ``seed``."""
+    from accelerate.utils import set_seed
+
+    if rope:
+        apply_rope(config, rope)
+    set_seed(seed)
     cls = model_class(config)
     return cls._from_config(config) if cls is tf.Mistral3ForConditionalGeneration else cls.from_config(config)

@@ -3,7 +3,7 @@
 Owns the tensor rewrite: reads the source with ``safe_open`` per layer, applies what keep.py
 chose (layers, FFN channels, heads, the hidden basis), writes shards, config and report. It
 never loads the model class, so cutting a checkpoint never holds it twice in memory: peak is
-about one layer in, one layer out, one output shard and the rotation.
+about one layer in and out plus the rotation (embedding and head go in row blocks; shards stream).
 """
 
 from __future__ import annotations
@@ -90,22 +90,27 @@ def write_text(reader: Reader, adapter: Adapter, source: Shape, target: Shape, k
         written += tensor.numel()
         out.add(key, tensor.to(dtype))
 
-    ends = reader.read([adapter.embed, adapter.final_norm, adapter.head])
-    dtype = ends[adapter.embed].dtype
-    put(adapter.embed, k.basis.read(ends.pop(adapter.embed).float()), dtype)
+    def put_rows(key, transform):  # vocabulary-sized matrices go through in row blocks
+        nonlocal written
+        written += target.vocab * target.hidden
+        chunks = (transform(c.float()).to(dtype) for c in reader.row_chunks(key))
+        out.add_rows(key, [target.vocab, target.hidden], dtype, chunks)
+
+    dtype = reader.read([adapter.final_norm])[adapter.final_norm].dtype
+    put_rows(adapter.embed, k.basis.read)
     for new_i, old_i in enumerate(tqdm(k.layers, desc="prune", leave=False)):
         keys = adapter.layer_keys(old_i)
         found = reader.read(keys.values())
-        t = {role: found[key].float() for role, key in keys.items() if key in found}
+        t = {role: found.pop(key).float() for role, key in keys.items() if key in found}
         new_keys = adapter.layer_keys(new_i)
         for role, tensor in cut_layer(t, k, old_i, source.head_dim).items():
             put(new_keys[role], tensor, dtype)
-    g = ends[adapter.final_norm].float()
+    g = reader.read([adapter.final_norm])[adapter.final_norm].float()
     if target.tied_embeddings:  # the head is the embedding: it cannot absorb the final gain
         put(adapter.final_norm, k.basis.tied_final_norm(g), dtype)
     else:
         put(adapter.final_norm, k.basis.norm(g), dtype)
-        put(adapter.head, k.basis.read(ends[adapter.head].float(), g), dtype)
+        put_rows(adapter.head, lambda rows: k.basis.read(rows, g))
     return written
 
 

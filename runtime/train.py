@@ -113,16 +113,9 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         _check_vocab(teacher, model)
         teacher.eval().requires_grad_(False).to(accelerator.device)
 
-    # 2. Optimiser (no decay on norms/biases), schedule, and what a checkpoint holds.
+    # 2. Optimiser, schedule, and what a checkpoint holds besides model and optimiser.
     objective = Objective(model, spec).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, float(opt_cfg.get("weight_decay", 0.0))),
-                                  lr=float(opt_cfg.get("lr", 3e-4)), betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
-                                  eps=float(opt_cfg.get("eps", 1e-8)))
-    lr = float(opt_cfg.get("lr", 3e-4))
-    min_ratio = float(opt_cfg.get("min_lr", 0.0)) / lr if lr else 0.0
-    shape = dict(kind=sched_cfg.get("kind", "cosine"), warmup=int(sched_cfg.get("warmup_steps", 0)),
-                 total=window.steps, min_ratio=min_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **shape))
+    optimizer, scheduler = _optimizer(model, opt_cfg, sched_cfg, window.steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     position = DataPosition(window)
     accelerator.register_for_checkpointing(scheduler, position)
@@ -169,7 +162,8 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         if _due(position.step, window.steps, ckpt_cfg):
             _save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)))
     bar.close()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
+        tracker.finish()
 
     # 5. The final model, loadable by `AutoModelForCausalLM.from_pretrained`.
     accelerator.wait_for_everyone()
@@ -180,15 +174,23 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         tokenizer.save_pretrained(Path(ctx.out) / "model")
         shutil.copyfile(metrics_file, Path(ctx.out) / "metrics.jsonl")
     accelerator.wait_for_everyone()
-    return {"steps": window.steps, "tokens": window.tokens, "tokens_seen": window.tokens, "final_loss": loss_value, "wall_s": round(wall, 3),
-            "resumed_from_step": start, "processes": accelerator.num_processes,
-            "tokens_per_s": round((window.steps - start) * window.seq_len * window.global_batch / max(wall, 1e-9), 1)}
+    trained_tokens = (window.steps - start) * window.seq_len * window.global_batch
+    return {"steps": window.steps, "tokens": window.tokens, "tokens_seen": window.tokens, "final_loss": loss_value,
+            "wall_s": round(wall, 3), "resumed_from_step": start, "processes": accelerator.num_processes,
+            "tokens_per_s": round(trained_tokens / max(wall, 1e-9), 1)}
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def _optimizer(model, opt_cfg: dict, sched_cfg: dict, steps: int):
+    """AdamW (no weight decay on norms and biases) and its LambdaLR schedule."""
+    lr, decay = float(opt_cfg.get("lr", 3e-4)), float(opt_cfg.get("weight_decay", 0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+                                  eps=float(opt_cfg.get("eps", 1e-8)))
+    shape = dict(kind=sched_cfg.get("kind", "cosine"), warmup=int(sched_cfg.get("warmup_steps", 0)), total=steps,
+                 min_ratio=float(opt_cfg.get("min_lr", 0.0)) / lr if lr else 0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **shape))
 
 
 def _check_vocab(teacher, student) -> None:

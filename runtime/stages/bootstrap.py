@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from transformers import AutoTokenizer, MistralConfig
 
 from cascadec.shapes import Shape
 
 from ..context import StageContext
 from ..data import documents, source_files
-from ..models import apply_rope, from_config
+from ..models import init_model
 from ..tokenizer import train_bpe
 from ..train import on_cpu, train
 
@@ -39,10 +38,7 @@ def run(ctx: StageContext) -> dict:
         max_position_embeddings=max(int(config["seq_len"]), 2048), sliding_window=None,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    if config.get("rope"):
-        apply_rope(model_config, config["rope"])
-    set_seed(int(config.get("seed", 0)))
-    model = from_config(model_config)
+    model = init_model(model_config, seed=int(config.get("seed", 0)), rope=config.get("rope"))
     ctx.log(f"bootstrap: random Mistral, {sum(p.numel() for p in model.parameters()):,} parameters, vocab {vocab}")
     return train(ctx, model, tokenizer, tokenizer_dir)
 

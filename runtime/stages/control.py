@@ -7,13 +7,12 @@ the baseline that shows what pruning + distillation bought, so nothing but the i
 
 from __future__ import annotations
 
-from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from cascadec.shapes import Shape, from_hf_config, hf_config_updates
 
 from ..context import StageContext
-from ..models import apply_rope, from_config, load_config
+from ..models import init_model, load_config
 from ..train import train
 
 
@@ -28,9 +27,6 @@ def run(ctx: StageContext) -> dict:
     for key, value in hf_config_updates(shape).items():
         setattr(model_config.get_text_config(), key, value)
     model_config.tie_word_embeddings = shape.tied_embeddings
-    if config.get("rope"):
-        apply_rope(model_config, config["rope"])
-    set_seed(int(config.get("seed", 0)))
-    model = from_config(model_config)
+    model = init_model(model_config, seed=int(config.get("seed", 0)), rope=config.get("rope"))
     ctx.log(f"control: random {shape.family} model, {sum(p.numel() for p in model.parameters()):,} parameters")
     return train(ctx, model, AutoTokenizer.from_pretrained(template), template)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny matmuls gain nothing from threads, and the machine is shared: one thread per process
+# (subprocesses inherit OMP_NUM_THREADS) keeps timings stable and results thread-count-free.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tinymodels.py
 

@@ -85,7 +85,13 @@ def test_runs_everything_once_then_nothing(calls, tmp_path):
     assert run(plan, tmp_path, dry_run=True)[0] == 0
     assert calls == ["a", "b", "c", "d"]
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["a", "b", "c", "d"]
-    assert not (tmp_path / "scratch" / "a").exists()
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_nested_stage_ids_nest_in_stages_and_leave_no_empty_scratch(calls, tmp_path):
+    assert run(plan_of(stage("distill/x/short")), tmp_path)[0] == 0
+    assert (tmp_path / "stages/distill/x/short/manifest.json").is_file()
+    assert list((tmp_path / "scratch").iterdir()) == []
 
 
 def test_manifest_records_what_the_stage_did(calls, tmp_path):

@@ -1,0 +1,173 @@
+"""The family report: one table per child (parameters, tokens, held-out loss beside the parent's,
+the freshly pruned model's and the from-scratch control's), loss curves per training stage, the
+DAG as Mermaid, and the plan's estimates beside what the run really spent.
+
+Reads a workspace (eval.json, metrics.jsonl and manifest.json of each stage) and the plan; it
+trains nothing. Used by the `report` stage and by `cascadec report`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cascadec.text import mermaid, si
+
+TRAINING = ("bootstrap", "distill", "control", "sft", "dpo", "odpo", "grpo")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def collect(plan: dict, workdir: Path) -> dict:
+    """Everything the report shows, as plain data (this is also `--format json`)."""
+    workdir = Path(workdir)
+    stages = {s["id"]: s for s in plan["stages"]}
+    losses = {}
+    for sid, s in stages.items():
+        if s["kind"] == "eval":
+            ev = _read_json(workdir / "stages" / sid / "eval.json")
+            for name, r in ((ev or {}).get("checkpoints") or {}).items():
+                losses[name] = r["loss"]
+    children = []
+    for name, m in plan["models"].items():
+        if m["role"] != "child":
+            continue
+        phases = [s for s in plan["stages"] if s["kind"] == "distill" and s["id"].split("/")[1] == name]
+        final = f"{name}/{phases[-1]['config']['phase']}" if phases else None
+        root = m["prune_from"]
+        while plan["models"].get(root.split("/")[0], {}).get("role") == "child":
+            root = plan["models"][root.split("/")[0]]["prune_from"]
+        parent, pruned, ours, control = (losses.get(k) for k in (root, f"{name}/pruned", final, f"{name}/control"))
+        recovered = None
+        if None not in (parent, pruned, ours) and pruned != parent:
+            recovered = round((pruned - ours) / (pruned - parent), 4)
+        children.append({
+            "child": name, "params": m["params"], "prune_from": m["prune_from"], "root": root,
+            "tokens": sum(s["config"]["tokens"] for s in phases),
+            "loss": ours, "loss_short": losses.get(f"{name}/{phases[0]['config']['phase']}") if phases else None,
+            "parent_loss": parent, "pruned_loss": pruned, "control_loss": control,
+            "beats_control": None if None in (ours, control) else ours < control,
+            "gap_recovered": recovered,
+        })
+    spent = []
+    for sid, s in stages.items():
+        man = _read_json(workdir / "stages" / sid / "manifest.json") or {}
+        spent.append({"stage": sid, "kind": s["kind"], "planned_tokens": s["estimate"]["tokens"],
+                      "planned_device_hours": s["estimate"]["device_hours"],
+                      "tokens": man.get("tokens_seen"), "wall_time_s": man.get("wall_time_s"),
+                      "done": bool(man)})
+    curves = {sid: [(r.get("tokens"), r.get("loss")) for r in _metrics(workdir / "stages" / sid / "metrics.jsonl")]
+              for sid, s in stages.items() if s["kind"] in TRAINING}
+    return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
+            "losses": losses, "stages": spent, "curves": {k: v for k, v in curves.items() if v},
+            "totals": plan["totals"]}
+
+
+def plots(data: dict, out: Path) -> list[str]:
+    """PNG plots (matplotlib, headless): loss curves per training stage; held-out losses per child."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if data["curves"]:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for sid, points in sorted(data["curves"].items()):
+            xs = [p[0] for p in points if p[1] is not None]
+            ys = [p[1] for p in points if p[1] is not None]
+            ax.plot(xs, ys, label=sid, linewidth=1)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.set_title(f"{data['family']}: loss per training stage")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "loss_curves.png", dpi=110)
+        plt.close(fig)
+        written.append("loss_curves.png")
+    rows = [c for c in data["children"] if c["loss"] is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        labels = [("parent", "parent_loss"), ("pruned", "pruned_loss"), ("distilled", "loss"), ("from-scratch control", "control_loss")]
+        width = 0.2
+        for i, (label, key) in enumerate(labels):
+            ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [r[key] or 0 for r in rows], width, label=label)
+        ax.set_xticks(range(len(rows)), [f"{r['child']}\n{si(r['params'])}" for r in rows])
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(f"{data['family']}: held-out loss per child")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "family.png", dpi=110)
+        plt.close(fig)
+        written.append("family.png")
+    return written
+
+
+def _f(x, fmt="{:.4f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def markdown(data: dict, plan: dict, images: list[str]) -> str:
+    lines = [f"# Family report: {data['family']}", "",
+             f"Spec sha256 `{data['spec_sha256'][:12]}`. Held-out loss is mean next-token cross-entropy "
+             "(nats/token) on the same held-out tokens for every checkpoint.", "",
+             "| child | params | distill tokens | held-out loss | parent | right after pruning | from-scratch control | beats control | gap recovered |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
+    for c in data["children"]:
+        lines.append(f"| {c['child']} | {c['params']:,} | {si(c['tokens'])} | {_f(c['loss'])} | {_f(c['parent_loss'])} | "
+                     f"{_f(c['pruned_loss'])} | {_f(c['control_loss'])} | "
+                     f"{'–' if c['beats_control'] is None else ('yes' if c['beats_control'] else '**no**')} | "
+                     f"{_f(c['gap_recovered'], '{:.0%}')} |")
+    lines += ["", "'gap recovered' = (pruned − distilled) / (pruned − parent): the share of the loss that pruning "
+              "cost which distillation won back.", ""]
+    lines += [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    lines += ["## Compute: planned and spent", "", "| stage | kind | planned tokens | tokens seen | wall time |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    wall = 0.0
+    for s in data["stages"]:
+        wall += s["wall_time_s"] or 0
+        lines.append(f"| {s['stage']} | {s['kind']} | {si(s['planned_tokens']) if s['planned_tokens'] else '–'} | "
+                     f"{si(s['tokens']) if s['tokens'] else '–'} | {_f(s['wall_time_s'], '{:.1f} s')} |")
+    t = data["totals"]
+    lines += ["", f"Planned: {si(t['flops'])}FLOPs, {t['device_hours']:,.2f} device-hours on {t['hardware']['device']}. "
+              f"Spent: {wall:,.1f} s of wall time over the stages run.", "", "## Stages", "", "```mermaid",
+              mermaid(plan).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write(plan: dict, workdir: Path, out: Path) -> dict:
+    """Write report.md, report.json and the plots into ``out``; return the collected data."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(plan, workdir)
+    images = plots(data, out)
+    (out / "report.md").write_text(markdown(data, plan, images))
+    (out / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return data
+
+
+def report_cmd(plan: dict, workdir: str, *, fmt: str = "md") -> int:
+    """`cascadec report`: regenerate the report from the workspace as it is now."""
+    workdir = Path(workdir)
+    if not (workdir / "stages").is_dir():
+        print(f"error: no workspace at {workdir}; run `cascadec run` first (or pass --workdir)")
+        return 1
+    if fmt == "json":
+        print(json.dumps(collect(plan, workdir), indent=2, sort_keys=True))
+        return 0
+    out = workdir / "report"
+    write(plan, workdir, out)
+    print(f"wrote {out / 'report.md'}")
+    return 0

@@ -1,0 +1,169 @@
+"""The shared training loop through its stages: distill (online and cached), control, bootstrap,
+resume after SIGKILL, and two processes against one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from stagekit import DISTILL, context, stage
+from tinymodels import save_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cascadec.runtime.stages import bootstrap, control, distill, teacher_logits
+from cascadec.runtime.train import lr_factor
+
+PY = sys.executable
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distill_trains_and_saves_a_loadable_model(tiny_models, corpus, tmp_path):
+    ctx = context(tmp_path, stage(), dict(tiny_models), corpus)
+    metrics = distill.run(ctx)
+    assert metrics["tokens_seen"] == 6 * 16 * 4 and metrics["steps"] == 6
+    assert [json.loads(x)["tokens"] for x in (ctx.out / "metrics.jsonl").read_text().splitlines()] == [64 * i for i in range(1, 7)]
+    before = load_file(str(tiny_models["student"] / "model.safetensors"))
+    after = weights(ctx.out)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    AutoModelForCausalLM.from_pretrained(ctx.out / "model")
+    assert (ctx.out / "model" / "tokenizer.json").exists()
+
+
+def test_cached_teacher_logits_at_full_vocab_equal_online_distillation(tiny_models, corpus, tmp_path):
+    st = stage()
+    cfg = st["config"]
+    cache_stage = {"id": "teacher-logits/x", "kind": "teacher-logits", "config": {
+        "seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "data": cfg["data"], "top_k": 320,
+        "micro_batch": cfg["micro_batch"], "precision": "fp32"}}
+    cached_dir = tmp_path / "logits"
+    teacher_logits.run(context(cached_dir, cache_stage, {"teacher": tiny_models["teacher"]}, corpus))
+    online = context(tmp_path / "online", st, dict(tiny_models), corpus)
+    distill.run(online)
+    cached_st = stage(loss={**cfg["loss"], "top_k": 320})
+    cached = context(tmp_path / "cached", cached_st, {"student": tiny_models["student"],
+                                                      "teacher_logits": cached_dir / "out"}, corpus)
+    assert distill.run(cached)["teacher"] == "cached"
+    assert losses(online.out) == pytest.approx(losses(cached.out), rel=1e-5)
+    a, b = weights(online.out), weights(cached.out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_with_another_vocabulary_is_a_clear_error(tiny_models, corpus, tmp_path):
+    other = save_model(tmp_path / "big-vocab", "mistral", seed=3, vocab=384)
+    ctx = context(tmp_path, stage(), {"student": tiny_models["student"], "teacher": other}, corpus)
+    with pytest.raises(ValueError, match="teacher vocabulary has 384 entries but the student's has 320"):
+        distill.run(ctx)
+
+
+def test_long_context_phase_writes_rope_into_the_student(tiny_models, corpus, tmp_path):
+    rope = {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512},
+            "max_position_embeddings": 1024}
+    ctx = context(tmp_path, stage(seq_len=32, steps=2, rope=rope), dict(tiny_models), corpus)
+    distill.run(ctx)
+    saved = AutoConfig.from_pretrained(ctx.out / "model")
+    assert saved.max_position_embeddings == 1024
+    assert saved.rope_parameters["rope_type"] == "yarn" and saved.rope_parameters["factor"] == 2.0
+    assert saved.rope_parameters["rope_theta"] == AutoConfig.from_pretrained(tiny_models["student"]).rope_parameters["rope_theta"]
+
+
+def test_control_and_bootstrap_train_from_scratch(tiny_models, corpus, tmp_path):
+    shape = dict(family="mistral", layers=1, hidden=32, ffn=64, heads=2, kv_heads=1, head_dim=16, vocab=320,
+                 tied_embeddings=True)
+    base = {**DISTILL, "kind": "control", "config": {**DISTILL["config"], "shape": shape, "loss": None}}
+    ctx = context(tmp_path / "control", stage(base, steps=3), {"template": tiny_models["teacher"]}, corpus)
+    assert control.run(ctx)["tokens_seen"] == 3 * 64
+    assert AutoConfig.from_pretrained(ctx.out / "model").num_hidden_layers == 1
+    boot = {**base, "kind": "bootstrap"}
+    boot["config"] = {**base["config"], "tokenizer": {"vocab_size": 320}}
+    ctx = context(tmp_path / "boot", stage(boot, steps=3), {}, corpus)
+    metrics = bootstrap.run(ctx)
+    assert metrics["final_loss"] == metrics["final_loss"]  # finite, not NaN
+    config = AutoConfig.from_pretrained(ctx.out / "model")
+    assert config.model_type == "mistral" and config.tie_word_embeddings and config.vocab_size == 320
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    f = dict(warmup=2, total=10, min_ratio=0.1)
+    assert [lr_factor(s, kind="constant", **f) for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
+    assert lr_factor(2, kind="cosine", **f) == 1.0 and lr_factor(10, kind="cosine", **f) == pytest.approx(0.1)
+    assert lr_factor(6, kind="linear", **f) == pytest.approx(0.55)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess tests: kill -9 and resume; two processes under `accelerate launch`
+
+
+def _ctx_json(tmp: Path, st: dict, inputs: dict, corpus: dict, cache: Path) -> Path:
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    raw = {"stage": st, "inputs": {k: str(v) for k, v in inputs.items()}, "data": {"corpus": corpus},
+           "out": str(tmp / "out"), "scratch": str(tmp / "scratch"), "cache": str(cache), "result": str(tmp / "result.json")}
+    (tmp / "ctx.json").write_text(json.dumps(raw))
+    return tmp / "ctx.json"
+
+
+STAGE_MAIN = ["-m", "cascadec.runtime.stage_main", "--ctx-json"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_resume_gives_bit_identical_weights(tiny_models, corpus, tmp_path):
+    st = stage(steps=120, checkpoint={"every_steps": 10, "keep": 2})
+    reference = context(tmp_path / "ref", st, dict(tiny_models), corpus, cache=tmp_path / "cache")
+    distill.run(reference)
+
+    ctx_json = _ctx_json(tmp_path / "run", st, tiny_models, corpus, tmp_path / "cache")
+    checkpoints = tmp_path / "run" / "scratch" / "checkpoints"
+    proc = subprocess.Popen([PY, *STAGE_MAIN, str(ctx_json)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.12)  # land between checkpoints, not on one
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "result.json").exists(), "the run finished before it could be killed"
+    killed_at = sorted(checkpoints.glob("step-*"))[-1].name
+
+    subprocess.run([PY, *STAGE_MAIN, str(ctx_json)], check=True, capture_output=True)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["resumed_from_step"] == int(killed_at.split("-")[1]) > 0
+    a, b = weights(reference.out), weights(tmp_path / "run" / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(reference.out) == losses(tmp_path / "run" / "out")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tiny_models, corpus, tmp_path):
+    """Same global batch of 4: one process accumulates 4 micro-batches, two processes 2 each.
+
+    Tolerance: losses within 1e-4 relative and weights within 1e-5 absolute; the only difference
+    is the summation order of the gradient all-reduce.
+    """
+    st = stage(micro_batch=1)
+    one = context(tmp_path / "one", st, dict(tiny_models), corpus, cache=tmp_path / "cache")
+    distill.run(one)
+    ctx_json = _ctx_json(tmp_path / "two", st, tiny_models, corpus, tmp_path / "cache")
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    done = subprocess.run([*launch, *STAGE_MAIN, str(ctx_json)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["processes"] == 2
+    assert losses(tmp_path / "two" / "out") == pytest.approx(losses(one.out), rel=1e-4)
+    a, b = weights(one.out), weights(tmp_path / "two" / "out")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
