@@ -293,6 +293,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A compile allocates many small, long-lived objects; the default GC thresholds make it
+    # rescan them over and over (super-linear on 400-child specs). mypy does the same.
+    import gc
+
+    gc.set_threshold(100_000, 50, 100)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prune"]:
         return cmd_prune(None, argv[1:])

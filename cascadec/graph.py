@@ -137,6 +137,10 @@ def build(spec: FamilySpec) -> nx.DiGraph:
                         "precision": first.settings["resources.precision"], "users": sorted(users)},
              "launch": launch, "provenance": lprov, "_n": param_count(owner_shape(teacher)), "_teacher": True})
 
+    by_child: dict[str, list] = {}
+    for entry in plans:
+        by_child.setdefault(entry[0].name, []).append(entry)
+
     # -- per child ---------------------------------------------------------------------------
     for c in spec.children:
         src = resolve.lookup(c.prune_from, cps)
@@ -179,9 +183,7 @@ def build(spec: FamilySpec) -> nx.DiGraph:
              "_n": param_count(target)})
 
         starts = resolve.starts(c)
-        for cc, variant, t, ref, n, offset in plans:
-            if cc is not c:
-                continue
+        for cc, variant, t, ref, n, offset in by_child.get(c.name, ()):
             sid = cps[ref].stage
             config, prov = _training_config(t, spec, n, offset)
             inputs = [_ckpt_input("student" if t.kind in ("distill", "sft") else "policy",

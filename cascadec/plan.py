@@ -68,10 +68,10 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
     order = list(nx.lexicographical_topological_sort(g))
     hashes: dict[str, str] = {}
     stages = []
+    model_identity = {name: _model_identity(spec, name) for name in spec.models}
     for sid in order:
         st = dict(g.nodes[sid]["stage"])
         st["needs"] = sorted(g.predecessors(sid))
-        model_identity = {name: _model_identity(spec, name) for name in spec.models}
         hashed_inputs = []
         for inp in st["inputs"]:
             if "stage" in inp:
@@ -88,6 +88,9 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
 
     cps = resolve.checkpoints(spec)
     shapes = resolve.shapes(spec, cps)
+    owned: dict[str, list[str]] = {}  # child -> its checkpoint refs (one pass: linear in the family)
+    for r, cp in cps.items():
+        owned.setdefault(cp.child, []).append(r)
     models = {}
     for m in spec.models.values():
         models[m.name] = {"role": "model", "source": m.source, "shape": m.arch.axes(), "params": param_count(m.arch),
@@ -95,7 +98,7 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
     for c in spec.children:
         s = shapes[c.name]
         models[c.name] = {"role": "child", "prune_from": c.prune_from, "shape": s.axes(), "params": param_count(s),
-                          "checkpoints": sorted(r for r, cp in cps.items() if cp.child == c.name)}
+                          "checkpoints": sorted(owned.get(c.name, []))}
     for m in spec.models.values():
         used_as = {"teacher" for *_, t, _ in resolve.trainings(spec) if t.teacher and resolve.lookup(t.teacher, cps) and resolve.lookup(t.teacher, cps).model == m.name}
         if any(c.prune_from == m.name for c in spec.children):

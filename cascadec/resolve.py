@@ -89,10 +89,11 @@ def shapes(spec: FamilySpec, cps: dict[str, Checkpoint]) -> dict[str, Shape | No
     pending = list(spec.children)
     for _ in range(len(pending) + 1):  # children may be listed before their source
         rest = []
+        waiting = {x.name for x in pending}
         for c in pending:
             src = lookup(c.prune_from, cps)
             owner = None if src is None else (src.model or src.child)
-            if owner is not None and owner not in out and any(x.name == owner for x in pending):
+            if owner is not None and owner not in out and owner in waiting:
                 rest.append(c)
                 continue
             out[c.name] = child_shape(c, out.get(owner) if owner else None)

@@ -67,7 +67,8 @@ def parse(text: str, path: str) -> Document:
         span = Span(line=mark.line + 1, col=mark.column + 1) if mark else None
         problem = e.problem or e.context or "invalid YAML"
         notes = []
-        if e.problem and e.context and e.context_mark and e.context_mark is not mark:
+        if e.problem and e.context and e.context_mark and \
+                (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column):
             notes.append(f"{e.context} that starts at {e.context_mark.line + 1}:{e.context_mark.column + 1}")
         _fail(path, "CSC003", f"invalid YAML: {problem}", span,
               help="check indentation and quoting near this position", notes=notes)
@@ -79,6 +80,7 @@ def parse(text: str, path: str) -> Document:
     finally:
         loader.dispose()
     spans: dict = {}
+    constructor = yaml.constructor.SafeConstructor()  # one per document: it memoises what it built
     budget = [MAX_NODES]
     ancestors: set = set()  # ids of the collection nodes on the current path
 
@@ -126,19 +128,14 @@ def parse(text: str, path: str) -> Document:
             if not node.style and _SCIENTIFIC.match(node.value):  # plain: None (Python) or "" (libyaml)
                 return float(node.value)
             return node.value
-        return _scalar(node)
+        # int, float, bool and null, resolved the way SafeLoader would
+        return constructor.yaml_constructors[node.tag](constructor, node)
 
     if root is None:
         _fail(path, "CSC002", "the spec is empty",
               help="start from specs/tiny.yaml, or run `cascadec validate` on an existing spec")
     data = build(root, ())
     return Document(path=path, text=text, data=data, spans=spans)
-
-
-def _scalar(node):
-    """Resolve a core-schema scalar (int, float, bool, null) the way SafeLoader would."""
-    constructor = yaml.constructor.SafeConstructor()
-    return constructor.construct_object(node, deep=True)
 
 
 def load(path: str) -> Document:
