@@ -13,7 +13,8 @@ GKDTrainer, and the KD loss's peak memory against the naive full-logit computati
 (c) tokens/s of the `distill` stage over TRL's GKDTrainer (forward KL: lmbda=0, beta=0, no
     student sampling) on the same models and batches. Target >= 1.3. Skipped without trl.
 
-Each throughput variant runs twice, interleaved, and the faster run counts (the machine is shared).
+Each throughput variant runs --repeats times (3), interleaved, and the fastest run counts: on a
+shared machine the least-disturbed run is the best estimate of what the code costs.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def measure_memory(variant: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant; the fastest counts")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -189,7 +191,7 @@ def main() -> None:
     if not have_trl:
         print("(c) skipped: trl is not installed (pip install trl) or --skip-trl was given")
     results: dict[str, list[float]] = {"ours": [], "floor": [], "trl": []}
-    for rep in range(2):
+    for rep in range(args.repeats):
         results["floor"].append(run_floor(models, data))
         results["ours"].append(run_ours(models, args.steps, work / f"ours{rep}"))
         if have_trl:

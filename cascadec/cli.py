@@ -216,8 +216,15 @@ def cmd_run(args) -> int:
     plan, spec = loaded
     from .runtime.executor import run_plan
 
-    return run_plan(plan, _workdir(args, plan), os.path.dirname(os.path.abspath(spec)),
-                    only=args.only or [], force=args.force or [], dry_run=args.dry_run)
+    workdir = _workdir(args, plan)
+    status = run_plan(plan, workdir, os.path.dirname(os.path.abspath(spec)),
+                      only=args.only or [], force=args.force or [], dry_run=args.dry_run)
+    report = [s for s in plan["stages"] if s["kind"] == "report"]
+    if status == EXIT_OK and not args.dry_run and report:
+        path = os.path.join(workdir, report[0]["outputs"][0])
+        if os.path.exists(path):
+            print(f"report: {path}")
+    return status
 
 
 def cmd_prune(args, rest) -> int:

@@ -50,7 +50,7 @@ def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int) -> 
         "global_batch": s["batch.global"],
         "micro_batch": s["batch.micro"],
         "steps": steps,
-        "data": {"name": t.data, "offset": offset},
+        "data": {"name": t.data, "offset": offset, "shuffle": spec.data[t.data].shuffle},
         "optimizer": {k: v for k, v in s.group("optimizer").items()},
         "schedule": {"kind": s["schedule.kind"], "warmup_steps": warmup},
         "checkpoint": s.group("checkpoint"),

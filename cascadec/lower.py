@@ -150,7 +150,7 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
         name: DataSpec(
             name=name, kind=d["kind"], paths=tuple(d.get("paths", ())), field=d.get("field"),
             builtin=d.get("builtin"), split=d.get("split"), mix=dict(d.get("mix", {})),
-            stream=d.get("stream", False), tokens=quantity(d["tokens"]) if "tokens" in d else None,
+            stream=d.get("stream", False), shuffle=d.get("shuffle", True), tokens=quantity(d["tokens"]) if "tokens" in d else None,
             at=("data", name),
         )
         for name, d in raw["data"].items()

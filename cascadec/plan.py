@@ -143,4 +143,4 @@ def _model_identity(spec: FamilySpec, name: str) -> dict:
 def _data_identity(spec: FamilySpec, name: str) -> dict:
     d = spec.data[name]
     return {"kind": d.kind, "paths": list(d.paths), "field": d.field, "builtin": d.builtin, "split": d.split,
-            "mix": d.mix, "stream": d.stream, "tokens": d.tokens}
+            "mix": d.mix, "stream": d.stream, "shuffle": d.shuffle, "tokens": d.tokens}

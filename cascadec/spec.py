@@ -55,6 +55,7 @@ class DataSpec:
     split: str | None
     mix: dict
     stream: bool
+    shuffle: bool
     tokens: int | None
     at: tuple
 

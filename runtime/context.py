@@ -32,6 +32,9 @@ class StageContext:
     cache: Path | None = None
     metrics_file: Path | None = field(default=None)
     # JSONL of per-step metrics; defaults to ``scratch / "metrics.jsonl"``.
+    plan: dict | None = None
+    workdir: Path | None = None
+    # The whole plan and the workspace, for the one stage that reads across stages (`report`).
 
     @property
     def config(self) -> dict:

@@ -40,11 +40,32 @@ class Window:
     global_batch: int  # sequences per optimiser step, over all processes
     steps: int
     offset: int = 0  # tokens skipped at the start of the stream
+    shuffle: bool = False  # visit the window's sequences in a fixed scattered order
 
     @classmethod
     def from_config(cls, config: dict) -> "Window":
+        data = config.get("data") or {}
         return cls(seq_len=int(config["seq_len"]), global_batch=int(config["global_batch"]),
-                   steps=int(config["steps"]), offset=int((config.get("data") or {}).get("offset") or 0))
+                   steps=int(config["steps"]), offset=int(data.get("offset") or 0),
+                   shuffle=bool(data.get("shuffle", False)))
+
+    @property
+    def sequences(self) -> int:
+        return self.steps * self.global_batch
+
+    def visit(self, position: int) -> int:
+        """The window sequence read at ``position`` of the training order.
+
+        Unshuffled, the order is the stream's. Shuffled, it is the affine bijection
+        ``position -> a * position mod n`` with ``a`` near ``n / phi`` and coprime to ``n``: O(1)
+        memory at any scale (a 3T-token window has ~10^8 sequences), deterministic (resume and
+        every process agree), and consecutive positions land far apart, so one optimiser step
+        never draws all its sequences from one file. The window's token set is unchanged.
+        """
+        if not self.shuffle:
+            return position
+        n = self.sequences
+        return (_stride(n) * position) % n
 
     @property
     def tokens(self) -> int:
@@ -54,6 +75,15 @@ class Window:
         """Stream [start, end) of the window's ``index``-th packed sequence."""
         start = self.offset + index * self.seq_len
         return start, start + self.seq_len
+
+
+def _stride(n: int) -> int:
+    import math
+
+    a = max(1, round(n * 0.6180339887498949))
+    while math.gcd(a, n) != 1:
+        a += 1
+    return a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +108,9 @@ def _builtin_files(source: dict) -> list[tuple[str, Path]]:
     """The running interpreter's standard-library ``.py`` files (site-packages excluded).
 
     ``source["split"]`` is ``train`` (default) or ``heldout``; the split is by file, decided by
-    a hash of the file's relative path, so it is stable when files are added or removed.
+    a hash of the file's relative path, so it is stable when files are added or removed. Files
+    are ordered by that hash too, not by name: sorted by name, long runs of the stream would be
+    one package (``encodings/cp*.py`` is mostly hex tables), and a window would not be a sample.
     """
     if source.get("builtin") not in BUILTINS:
         raise ValueError(f"unknown builtin data {source.get('builtin')!r}; known: {', '.join(BUILTINS)}")
@@ -87,14 +119,19 @@ def _builtin_files(source: dict) -> list[tuple[str, Path]]:
         raise ValueError(f"builtin split must be 'train' or 'heldout', got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root).as_posix()
-        if rel.split("/")[0] in ("site-packages", "dist-packages") or not path.is_file():
-            continue
-        heldout = hashlib.sha256(rel.encode()).digest()[0] % HELDOUT_EVERY == 0
-        if heldout == (split == "heldout"):
-            out.append((rel, path))
-    return sorted(out)
+    for folder, dirs, files in os.walk(root):
+        if Path(folder) == root:  # third-party packages are not the standard library
+            dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
+        dirs.sort()
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            digest = hashlib.sha256(rel.encode()).digest()
+            if (digest[0] % HELDOUT_EVERY == 0) == (split == "heldout"):
+                out.append((digest, rel, path))
+    return [(rel, path) for _, rel, path in sorted(out)]
 
 
 def documents(path: Path, kind: str, field: str = "text") -> Iterator[str]:
@@ -213,7 +250,7 @@ def micro_batches(stream: TokenStream, window: Window, step: int, rank: int, wor
     per_rank = per_process(window.global_batch, world, micro_batch)
     first = step * window.global_batch + rank * per_rank
     for m in range(per_rank // micro_batch):
-        indices = list(range(first + m * micro_batch, first + (m + 1) * micro_batch))
+        indices = [window.visit(p) for p in range(first + m * micro_batch, first + (m + 1) * micro_batch)]
         rows = [stream.read(*window.sequence(i)) for i in indices]
         yield torch.stack(rows), indices
 

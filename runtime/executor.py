@@ -176,6 +176,7 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print)
     ctx = StageContext(
         stage=stage, inputs=inputs, data=data, out=tmp, scratch=scratch,
         log=lambda msg: out(f"      {msg}"), cache=Path(workdir) / "cache",
+        plan=plan, workdir=Path(workdir),
     )
     started = time.monotonic()
     try:

@@ -84,16 +84,20 @@ def plots(data: dict, out: Path) -> list[str]:
 
     written = []
     if data["curves"]:
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for sid, points in sorted(data["curves"].items()):
-            xs = [p[0] for p in points if p[1] is not None]
-            ys = [p[1] for p in points if p[1] is not None]
-            ax.plot(xs, ys, label=sid, linewidth=1)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("training loss")
-        ax.set_yscale("log")
-        ax.set_title(f"{data['family']}: loss per training stage")
-        ax.legend(fontsize=7)
+        # KL to the teacher and next-token cross-entropy are different quantities: two panels.
+        panels = (("distill", "distillation loss (KL to the teacher)"), ("", "next-token loss (cross-entropy)"))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, (prefix, title) in zip(axes, panels):
+            for sid, points in sorted(data["curves"].items()):
+                if sid.startswith("distill/") != bool(prefix):
+                    continue
+                kept = [p for p in points if p[1] is not None]
+                ax.plot([p[0] for p in kept], [p[1] for p in kept], label=sid, linewidth=1)
+            ax.set_xlabel("tokens into the stage")
+            ax.set_yscale("log")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{data['family']}: training loss per stage")
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png", dpi=110)
         plt.close(fig)
@@ -124,14 +128,15 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
     lines = [f"# Family report: {data['family']}", "",
              f"Spec sha256 `{data['spec_sha256'][:12]}`. Held-out loss is mean next-token cross-entropy "
              "(nats/token) on the same held-out tokens for every checkpoint.", "",
-             "| child | params | distill tokens | held-out loss | parent | right after pruning | from-scratch control | beats control | gap recovered |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
+             "| child | params | distill tokens | held-out loss | after first phase | parent | right after pruning | from-scratch control | beats control | gap recovered |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for c in data["children"]:
-        lines.append(f"| {c['child']} | {c['params']:,} | {si(c['tokens'])} | {_f(c['loss'])} | {_f(c['parent_loss'])} | "
+        lines.append(f"| {c['child']} | {c['params']:,} | {si(c['tokens'])} | {_f(c['loss'])} | {_f(c['loss_short'])} | {_f(c['parent_loss'])} | "
                      f"{_f(c['pruned_loss'])} | {_f(c['control_loss'])} | "
                      f"{'–' if c['beats_control'] is None else ('yes' if c['beats_control'] else '**no**')} | "
                      f"{_f(c['gap_recovered'], '{:.0%}')} |")
-    lines += ["", "'gap recovered' = (pruned − distilled) / (pruned − parent): the share of the loss that pruning "
+    lines += ["", "'held-out loss' is the child's final base checkpoint (its last pretraining phase); "
+              "'gap recovered' = (pruned − final) / (pruned − parent): the share of the loss that pruning "
               "cost which distillation won back.", ""]
     lines += [f"![{Path(i).stem}]({i})" for i in images] + [""]
     lines += ["## Compute: planned and spent", "", "| stage | kind | planned tokens | tokens seen | wall time |",

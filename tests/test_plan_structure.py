@@ -116,7 +116,8 @@ def test_one_teacher_logits_cache_serves_the_three_instruct_sfts(m3):
         assert {"role": "teacher_logits", "stage": cache["id"], "path": f"stages/{cache['id']}/logits"} in sft["inputs"]
         assert not any(i["role"] == "teacher" for i in sft["inputs"])  # reads the cache, not the teacher
         assert cache["id"] in sft["needs"]
-        assert sft["config"]["data"] == cache["config"]["data"]
+        # the same window of the same data (the student may visit it in another order)
+        assert {k: sft["config"]["data"][k] for k in ("name", "offset")} == cache["config"]["data"]
         assert sft["config"]["loss"]["teacher"] is True
         # the student pays only its own 6·N·D; the teacher's forward is paid once, by the cache
         n, d = PUBLISHED[user.split("/")[0]], sft["estimate"]["tokens"]
@@ -165,4 +166,6 @@ def test_assumed_values_are_listed(plans):
     assumed = plans["ministral3"]["assumed"]
     assert any(a.startswith("budget.tokens: ") for a in assumed)
     assert all(": " in a for a in assumed)
-    assert plans["minitron"]["assumed"] and plans["tiny"]["assumed"] == ["hardware.mfu: a 2-core laptop CPU reaches a few GFLOP/s; the estimate is indicative"]
+    assert plans["minitron"]["assumed"]
+    assert plans["tiny"]["assumed"] == ["hardware.peak_tflops: 2 laptop CPU cores in fp32",
+                                        "hardware.mfu: tiny matrices use a CPU poorly"]

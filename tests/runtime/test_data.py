@@ -52,6 +52,24 @@ def test_sharding_splits_each_global_batch_between_processes(corpus, tok, tiny_m
         list(D.micro_batches(stream, window, 0, 0, 2, 3))
 
 
+def test_shuffled_window_visits_every_sequence_once_in_a_scattered_order(corpus, tok, tiny_models, tmp_path):
+    stream = _stream(corpus, tok, tiny_models, tmp_path)
+    plain = D.Window(seq_len=4, global_batch=6, steps=5, offset=3)
+    mixed = D.Window(seq_len=4, global_batch=6, steps=5, offset=3, shuffle=True)
+
+    def order(window):
+        return [i for step in range(window.steps) for _, ix in D.micro_batches(stream, window, step, 0, 1, 2) for i in ix]
+
+    assert order(plain) == list(range(30))
+    visited = order(mixed)
+    assert sorted(visited) == list(range(30)) and visited != list(range(30))  # same tokens, other order
+    first_step = visited[:6]
+    assert max(first_step) - min(first_step) > 6  # one step is not six neighbours
+    assert order(mixed) == visited  # deterministic (resume and every process agree)
+    assert D.Window.from_config({"seq_len": 4, "global_batch": 6, "steps": 5,
+                                 "data": {"name": "x", "offset": 3, "shuffle": True}}) == mixed
+
+
 def test_second_tokenisation_hits_the_cache(corpus, tok, tiny_models, tmp_path, monkeypatch):
     first = _stream(corpus, tok, tiny_models, tmp_path)
     calls = []
@@ -76,11 +94,14 @@ def test_too_short_source_says_how_many_tokens_it_has_and_needs(corpus, tok, tin
         _stream(corpus, tok, tiny_models, tmp_path, need=have + 1)
 
 
-def test_stdlib_builtin_is_sorted_and_split_by_file():
+def test_stdlib_builtin_is_hash_ordered_and_split_by_file():
+    import hashlib
+
     train = D.source_files({"kind": "builtin", "builtin": "stdlib"})
     heldout = D.source_files({"kind": "builtin", "builtin": "stdlib", "split": "heldout"})
     names = [n for n, _ in train]
-    assert names == sorted(names) and len(names) > 200
+    assert names == sorted(names, key=lambda n: hashlib.sha256(n.encode()).digest()) and len(names) > 200
+    assert names != sorted(names)  # scattered: a window is a sample of modules, not one package
     assert heldout and not set(names) & {n for n, _ in heldout}
     assert all("site-packages" not in n for n in names)
 
