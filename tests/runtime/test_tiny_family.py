@@ -1,0 +1,94 @@
+"""End to end: a smaller variant of the embedded default, run by the real CLI in a subprocess.
+
+Bootstraps a parent on the standard library, cuts three children, distills each from the parent
+and trains a from-scratch control per child on the same tokens, then checks the family report:
+its structure, every child beating its control, and the first child recovering most of the
+loss its pruning cost. Then a second run must find every stage up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # use every core here
+    return subprocess.run([sys.executable, "-m", "cascadec", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Run the small family once; yield (workdir, report.json, first run's stdout)."""
+    root = tmp_path_factory.mktemp("family")
+    spec = yaml.safe_load((ROOT / "specs" / "tiny.yaml").read_text())
+    spec["budget"]["tokens"] = "1.2M"  # 600K bootstrap, 144K + 36K distillation per child
+    spec["eval"]["tokens"] = "16K"
+    (root / "small.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = _cli("run", "small.yaml", "--workdir", "ws", cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((root / "ws" / "stages" / "report" / "tiny" / "report.json").read_text())
+    return root, report, done.stdout
+
+
+@pytest.mark.slow
+def test_every_stage_ran_and_the_report_is_where_the_run_says(family):
+    root, report, out = family
+    assert "24 run, 0 up to date." in out
+    assert out.rstrip().endswith("report: ws/stages/report/tiny/report.md")
+    folder = root / "ws" / "stages" / "report" / "tiny"
+    md = (folder / "report.md").read_text()
+    assert "| child | params | distill tokens | held-out loss |" in md and "```mermaid" in md
+    for png in ("loss_curves.png", "family.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_report_structure(family):
+    _, report, _ = family
+    assert report["family"] == "tiny"
+    assert [c["child"] for c in report["children"]] == ["tiny-a", "tiny-b", "tiny-c"]
+    for c in report["children"]:
+        for key in ("params", "tokens", "loss", "loss_short", "parent_loss", "pruned_loss", "control_loss"):
+            assert isinstance(c[key], (int, float)), (c["child"], key)
+        assert c["root"] == "parent" and c["tokens"] > 0
+    # every stage of the plan is accounted for, with the tokens it was planned to see
+    assert len(report["stages"]) == 24
+    # written by the report stage itself, which is not finished while it writes
+    assert [s["stage"] for s in report["stages"] if not s["done"]] == ["report/tiny"]
+    for s in report["stages"]:
+        if s["kind"] in ("bootstrap", "distill", "control"):
+            assert s["tokens"] == s["planned_tokens"], s["stage"]
+    assert set(report["curves"]) == {"bootstrap/parent", *(f"control/tiny-{c}" for c in "abc"),
+                                      *(f"distill/tiny-{c}/{p}" for c in "abc" for p in ("short", "long"))}
+
+
+@pytest.mark.slow
+def test_distillation_beats_the_from_scratch_control_and_recovers_the_first_prune(family):
+    _, report, _ = family
+    by = {c["child"]: c for c in report["children"]}
+    for c in by.values():
+        assert c["loss"] < c["control_loss"], c  # same shape, same tokens, random init loses
+        assert c["beats_control"] is True
+        assert c["pruned_loss"] > c["parent_loss"]  # pruning costs something ...
+    first = by["tiny-a"]
+    assert first["gap_recovered"] > 0.5, first  # ... and distillation wins most of it back
+
+
+@pytest.mark.slow
+def test_second_run_is_all_up_to_date_and_report_json_matches(family):
+    root, report, _ = family
+    again = _cli("run", "small.yaml", "--workdir", "ws", cwd=root, timeout=120)
+    assert again.returncode == 0 and "0 run, 24 up to date." in again.stdout
+    shown = _cli("report", "small.yaml", "--workdir", "ws", "--format", "json", cwd=root, timeout=120)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["children"] == report["children"]
