@@ -59,7 +59,7 @@ def _estimate(stage: dict, hardware) -> dict:
         "tokens": tokens,
         "steps": cfg.get("steps", 0),
         "flops": flops,
-        "memory_gb": round(memory / 1e9, 2),
+        "memory_gb": round(memory / 1e9, 4),
         "device_hours": round(flops / (peak * mfu) / 3600, 4),
     }
 

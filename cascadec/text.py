@@ -31,7 +31,7 @@ def table(plan: dict, spec_path: str) -> str:
         e = s["estimate"]
         rows.append((s["id"], s["kind"], si(e["tokens"]) if e["tokens"] else "-", str(e["steps"] or "-"),
                      si(e["flops"]) if e["flops"] else "-", f"{e['device_hours']:,.2f}" if e["flops"] else "-",
-                     f"{e['memory_gb']:,.1f}G" if e["memory_gb"] else "-"))
+                     _gb(e["memory_gb"])))
     out += _grid(rows, right=(2, 3, 4, 5, 6))
     t = plan["totals"]
     hw = t["hardware"]
@@ -45,6 +45,12 @@ def table(plan: dict, spec_path: str) -> str:
         out.append(f"assumed: {len(plan['assumed'])} value(s) the sources do not give:")
         out += [f"  ~ {a}" for a in plan["assumed"]]
     return "\n".join(out) + "\n"
+
+
+def _gb(gb: float) -> str:
+    if not gb:
+        return "-"
+    return f"{gb:,.1f}G" if gb >= 0.1 else "<0.1G"
 
 
 def _grid(rows, right=()) -> list[str]:

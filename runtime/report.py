@@ -139,13 +139,15 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
               "'gap recovered' = (pruned − final) / (pruned − parent): the share of the loss that pruning "
               "cost which distillation won back.", ""]
     lines += [f"![{Path(i).stem}]({i})" for i in images] + [""]
-    lines += ["## Compute: planned and spent", "", "| stage | kind | planned tokens | tokens seen | wall time |",
-              "| --- | --- | ---: | ---: | ---: |"]
+    lines += ["## Compute: planned and spent", "",
+              "| stage | kind | planned tokens | tokens seen | planned device-hours | wall time |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
     wall = 0.0
     for s in data["stages"]:
         wall += s["wall_time_s"] or 0
         lines.append(f"| {s['stage']} | {s['kind']} | {si(s['planned_tokens']) if s['planned_tokens'] else '–'} | "
-                     f"{si(s['tokens']) if s['tokens'] else '–'} | {_f(s['wall_time_s'], '{:.1f} s')} |")
+                     f"{si(s['tokens']) if s['tokens'] else '–'} | {_f(s['planned_device_hours'], '{:.4f}')} | "
+                     f"{_f(s['wall_time_s'], '{:.1f} s')} |")
     t = data["totals"]
     lines += ["", f"Planned: {si(t['flops'])}FLOPs, {t['device_hours']:,.2f} device-hours on {t['hardware']['device']}. "
               f"Spent: {wall:,.1f} s of wall time over the stages run.", "", "## Stages", "", "```mermaid",
