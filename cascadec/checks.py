@@ -239,6 +239,15 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                  notes=[f"{r}: {float(x.tokens.fraction):.0%}" for x, r in shares])
             break
 
+    # -- batches split evenly over devices ---------------------------------------------------
+    boots = [(m.bootstrap, f"bootstrap of '{m.name}'") for m in spec.models.values() if m.bootstrap is not None]
+    for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
+        g, micro, devices = (t.settings[k] for k in ("batch.global", "batch.micro", "resources.devices"))
+        if g % (micro * devices):
+            diag("CSC223", f"{what}: global batch {g} is not a multiple of micro batch {micro} x {devices} devices",
+                 t.at, f"set `batch.global` to a multiple of {micro * devices}, or change `batch.micro` or "
+                       "`resources.devices`")
+
     # -- streamed data fits ------------------------------------------------------------------
     used: dict = {}
     for c, variant, t, ref in resolve.trainings(spec):

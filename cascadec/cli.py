@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
     status = run_plan(plan, workdir, os.path.dirname(os.path.abspath(spec)),
                       only=args.only or [], force=args.force or [], dry_run=args.dry_run)
     report = [s for s in plan["stages"] if s["kind"] == "report"]
-    if status == EXIT_OK and not args.dry_run and report:
+    if status == EXIT_OK and not args.dry_run and not args.only and report:
         path = os.path.join(workdir, report[0]["outputs"][0])
         if os.path.exists(path):
             print(f"report: {path}")

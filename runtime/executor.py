@@ -262,7 +262,8 @@ def launch_command(stage: dict, ctx_json: Path) -> list[str]:
     n = launch.get("devices", 1)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1"]
     cmd += ["--dynamo_backend", "no"]  # stated, so accelerate does not warn about defaults
-    precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}.get(launch.get("precision"))
+    # the plan keeps precision in the stage's config (the stage reads it too)
+    precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}.get((stage.get("config") or {}).get("precision"))
     if precision:
         cmd += ["--mixed_precision", precision]
     cmd += {"fsdp": ["--use_fsdp"], "deepspeed": ["--use_deepspeed"]}.get(launch.get("strategy"), [])

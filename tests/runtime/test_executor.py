@@ -326,7 +326,7 @@ def test_multi_device_stages_go_through_accelerate_launch(calls, monkeypatch, tm
 
 
 def test_launch_command():
-    st = stage("a", launch={"devices": 8, "launcher": "accelerate", "strategy": "fsdp", "precision": "bf16"})
+    st = stage("a", config={"precision": "bf16"}, launch={"devices": 8, "launcher": "accelerate", "strategy": "fsdp"})
     assert executor.launch_command(st, Path("/w/ctx.json")) == [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--num_machines", "1",
         "--dynamo_backend", "no", "--mixed_precision", "bf16",

@@ -18,6 +18,7 @@ from stagekit import DISTILL, context, stage
 from tinymodels import save_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from cascadec.runtime import executor
 from cascadec.runtime.stages import bootstrap, control, distill, teacher_logits
 from cascadec.runtime.train import lr_factor
 
@@ -157,11 +158,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_models, corpus,
     st = stage(micro_batch=1)
     one = context(tmp_path / "one", st, dict(tiny_models), corpus, cache=tmp_path / "cache")
     distill.run(one)
-    ctx_json = _ctx_json(tmp_path / "two", st, tiny_models, corpus, tmp_path / "cache")
-    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    done = subprocess.run([*launch, *STAGE_MAIN, str(ctx_json)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # through the executor's own spawn path: the command `cascadec run` uses for such a stage
+    two_stage = {**st, "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "ddp"}}
+    two = context(tmp_path / "two", two_stage, dict(tiny_models), corpus, cache=tmp_path / "cache")
+    two.scratch.mkdir(parents=True)
+    lines = []
+    two.log = lines.append
+    assert executor.needs_launcher(two_stage)
+    assert executor._spawn(two)["processes"] == 2, "\n".join(lines[-40:])
+    (tmp_path / "two" / "result.json").write_text((two.scratch / "result.json").read_text())
     assert json.loads((tmp_path / "two" / "result.json").read_text())["processes"] == 2
     assert losses(tmp_path / "two" / "out") == pytest.approx(losses(one.out), rel=1e-4)
     a, b = weights(one.out), weights(tmp_path / "two" / "out")
