@@ -30,6 +30,7 @@ PHASES_8B = """    phases:
         tokens: {assumed: 20B, why: "long-context token count not given"}
         seq_len: 262144
         batch: {global: {assumed: 16, why: "not given; 16 x 262,144 = 4.2M tokens per step"}}
+        resources: {devices: 16, nodes: 2}   # one 262K-token sequence per device (no context parallelism)
         rope: {rope_type: yarn, factor: 16.0, original_max_position_embeddings: 16384, rope_theta: 1000000.0, beta_fast: 32.0, beta_slow: 1.0, mscale: 1.0, mscale_all_dim: 1.0, llama_4_scaling_beta: 0.1}
         max_position_embeddings: 262144
     variants: *variants
