@@ -101,7 +101,12 @@ def chained_spec(children: int) -> str:
 
 def scaling(sizes: list[int], repeats: int) -> None:
     sys.path.insert(0, str(REPO))
+    import gc
+
+    from cascadec.cli import GC_THRESHOLDS
     from cascadec.compile import compile_file
+
+    gc.set_threshold(*GC_THRESHOLDS)  # as `cascadec` itself runs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

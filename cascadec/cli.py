@@ -16,6 +16,9 @@ import tempfile
 from . import __version__
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+# A compile allocates many small, long-lived objects; Python's default GC thresholds rescan
+# them over and over, which makes large specs super-linear. mypy raises them the same way.
+GC_THRESHOLDS = (100_000, 50, 100)
 
 
 def _err(message: str, help: str | None = None) -> None:
@@ -300,11 +303,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A compile allocates many small, long-lived objects; the default GC thresholds make it
-    # rescan them over and over (super-linear on 400-child specs). mypy does the same.
     import gc
 
-    gc.set_threshold(100_000, 50, 100)
+    gc.set_threshold(*GC_THRESHOLDS)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prune"]:
         return cmd_prune(None, argv[1:])
