@@ -177,12 +177,12 @@ def cmd_diff(args) -> int:
             if isinstance(plan, str):
                 _err(plan, "regenerate it with `cascadec plan SPEC -o PLAN`")
                 return EXIT_USAGE
-            plans.append(plan)
-            continue
-        loaded = load_plan_or_spec(path)
-        if loaded is None:
-            return EXIT_USAGE
-        plans.append(loaded[0])
+        else:
+            result = _compile(path)
+            if result is None:
+                return EXIT_USAGE
+            plan = result.plan
+        plans.append(plan)
     old, new = ({k: v for k, v in p.items() if k != "spec_file"} for p in plans)
     lines = diff(old, new)
     if not lines:
