@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .shapes import Shape, solve
-from .spec import ChildSpec, FamilySpec, Training
+from .spec import ChildSpec, FamilySpec, Share, Training
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +117,6 @@ def child_shape(c: ChildSpec, source: Shape | None) -> Shape | None:
 
 def budget(t: Training, spec: FamilySpec) -> int | None:
     """A training's tokens as an absolute count (shares of the family budget resolved)."""
-    from .spec import Share
-
     if isinstance(t.tokens, Share):
         if spec.budget_tokens is None:
             return None
