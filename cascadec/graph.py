@@ -20,6 +20,7 @@ import networkx as nx
 
 from . import resolve
 from .shapes import Shape, param_count
+from .source import where
 from .spec import ChildSpec, FamilySpec, Training
 
 TRAINING_GROUPS = ("optimizer", "schedule", "batch", "checkpoint")
@@ -33,10 +34,6 @@ DEFAULT_METHODS = {"layers": "norm_ratio", "hidden": "pca", "ffn": "activation",
 
 def _path(stage: str, name: str) -> str:
     return f"stages/{stage}/{name}"
-
-
-def _where(path: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def _prov(settings, groups, prefix="config") -> dict:
@@ -188,7 +185,7 @@ class Builder:
         if {"heads", "kv_heads"} & shrinks:
             shrinks.add("heads")
         methods = {a: (c.methods.get(a, DEFAULT_METHODS[a]) if a in shrinks else None) for a in DEFAULT_METHODS}
-        at = _where((*c.at, "pruning"))
+        at = where((*c.at, "pruning"))
         method_prov = {f"config.methods.{a}": (f"spec:{at}.{a}" if a in c.methods else "default")
                        for a, m in methods.items() if m}
         cal = c.calibration
@@ -218,7 +215,7 @@ class Builder:
     def training(self, w: Window, cache_of: dict[str, str]) -> None:
         """distill/<child>/<phase> or <kind>/<child>/<variant>/<step>."""
         c, t, ref = w.child, w.training, w.ref
-        at = _where(t.at)
+        at = where(t.at)
         config, prov = _training_config(t, self.spec, w.steps, w.offset)
         start = resolve.lookup(resolve.starts(c)[ref], self.cps, c).ref
         inputs = [self.checkpoint("student" if t.kind in ("distill", "sft") else "policy", start),

@@ -12,7 +12,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 from .shapes import Shape, from_hf_config
-from .source import Document
+from .source import Document, where
 from .spec import (ChildSpec, DataSpec, EvalSpec, FamilySpec, JudgeSpec, ModelSpec, Settings, Share,
                    ShapeRequest, Training)
 
@@ -55,16 +55,12 @@ def tokens(v) -> int | Share:
     return quantity(v)
 
 
-def _where(path: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
-
-
 def _unwrap(value, path: tuple, assumed: list):
     """Strip an `{assumed: V, why: ...}` wrapper, recording it; return (value, provenance)."""
     if isinstance(value, dict) and set(value) == {"assumed", "why"}:
         assumed.append((path, value["why"]))
-        return value["assumed"], f"assumed:{_where(path)}: {value['why']}"
-    return value, f"spec:{_where(path)}"
+        return value["assumed"], f"assumed:{where(path)}: {value['why']}"
+    return value, f"spec:{where(path)}"
 
 
 def _flatten(block: dict | None, at: tuple, assumed: list, into: dict, prov: dict):

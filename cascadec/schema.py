@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 
 from .diagnostics import Diagnostic, did_you_mean
-from .source import Document
+from .source import Document, where
 
 TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
               "number": "a number", "boolean": "true or false", "null": "null"}
@@ -39,8 +39,7 @@ def _type_of(value) -> str:
 
 
 def _where(path) -> str:
-    parts = [str(p) if not isinstance(p, int) else f"[{p}]" for p in path]
-    return ".".join(parts).replace(".[", "[") or "the top level"
+    return where(tuple(path)) or "the top level"
 
 
 def _leaf(error):

@@ -44,6 +44,11 @@ class Document:
         return self.spans.get(path)
 
 
+def where(path: tuple) -> str:
+    """A document path as users read it: `children[0].phases[1].tokens` ("" for the root)."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
 def _span(node) -> Span:
     start, end = node.start_mark, node.end_mark
     end_col = end.column + 1 if end.line == start.line else None

@@ -324,13 +324,6 @@ def plan_verdicts(plan: dict, workdir: Path, *, force: set[str] | frozenset = fr
     return verdicts
 
 
-def stage_state(plan: dict, stage: dict, workdir: Path) -> tuple[str, str]:
-    """(state, why) of one stage of the plan: state is "run" or "skip", why one of the reasons
-    above. Earlier stages are evaluated too, since a stage reruns when its inputs will."""
-    v = plan_verdicts(plan, workdir)[stage["id"]]
-    return v.state, v.why
-
-
 def status_table(plan: dict, workdir: Path) -> list[dict]:
     """One row per stage for `cascadec status`: {stage, kind, state, why, detail}.
 

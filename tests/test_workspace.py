@@ -69,7 +69,8 @@ def test_new_then_up_to_date(plan, tmp_path):
         "prune/a": ("skip", "up to date", ""),
         "distill/a/short": ("skip", "up to date", ""),
     }
-    assert ws.stage_state(plan, plan["stages"][1], tmp_path) == ("skip", "up to date")
+    v = ws.plan_verdicts(plan, tmp_path)[plan["stages"][1]["id"]]
+    assert (v.state, v.why) == ("skip", "up to date")
 
 
 def test_config_change_names_the_key_and_reruns_downstream(plan, tmp_path):
