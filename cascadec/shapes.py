@@ -109,6 +109,24 @@ def from_hf_config(config: dict) -> Shape:
     )
 
 
+def config_errors(s: Shape) -> list[tuple[str, str]]:
+    """(what is wrong, how to fix it) for each rule that ``s``'s family's Hugging Face config
+    enforces when a checkpoint is loaded (checked against transformers 5.24).
+
+    A shape that breaks one can be written but never loaded, so the compiler refuses it at plan
+    time and ``cascadec prune`` before writing anything. Only ``llama`` configs validate
+    ``hidden % heads`` (Mistral, Qwen and Ministral 3 carry an explicit head_dim instead).
+    """
+    errors = []
+    if s.family == "llama" and s.hidden % s.heads:
+        below = s.hidden - s.hidden % s.heads
+        errors.append((f"hidden {s.hidden} is not a multiple of heads {s.heads}, which transformers "
+                       f"requires of llama configs (the checkpoint could not be loaded)",
+                       f"choose hidden as a multiple of {s.heads} (e.g. {below} or {below + s.heads}), "
+                       f"or change heads"))
+    return errors
+
+
 def hf_config_updates(s: Shape) -> dict:
     """The ``config.json`` keys (of the text config for Mistral 3) that carry a Shape."""
     return {
