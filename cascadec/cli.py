@@ -97,11 +97,17 @@ def load_plan_or_spec(path: str, *, replan: bool = False):
     from .workspace import check_saved_plan
 
     with open(spec, "rb") as f:
-        stale = check_saved_plan(plan, f.read())
+        spec_bytes = f.read()
+    stale = check_saved_plan(plan, spec_bytes)
     if stale:
         if not replan:
             _err(f"{path}: {stale}", f"review the change with `cascadec plan {spec}` first")
             return None
+        # status, report and run --replan go on with a fresh plan, and say so first
+        print(f"warning: {path}: {check_saved_plan(plan, spec_bytes, advice=False)} "
+              f"Using a fresh plan of {spec}.", file=sys.stderr)
+        print(f"  = help: `cascadec plan {spec} -o {path}` updates the saved plan (review its diff with "
+              f"`cascadec diff {path} {spec}`)", file=sys.stderr)
         result = _compile(spec)
         if result is None:
             return None

@@ -361,21 +361,23 @@ def format_row(row: dict, width: int = 0) -> str:
 # ---------------------------------------------------------------- saved plans
 
 
-def check_saved_plan(plan: dict, spec_bytes: bytes) -> str | None:
+def check_saved_plan(plan: dict, spec_bytes: bytes, *, advice: bool = True) -> str | None:
     """None when ``plan`` was made from exactly ``spec_bytes``; else why it must not be run.
 
     Terraform's rule for saved plans: running a plan applies what was reviewed, so a plan made
-    from an older version of the spec is refused rather than silently re-planned.
-    The message has no "error:" prefix; the caller adds it.
+    from an older version of the spec is refused rather than silently re-planned (`run`), and
+    reported as stale where it is only read (`status`, `report`, `run --replan`).
+    The message has no "error:" prefix; the caller adds it. ``advice=False`` leaves out the
+    closing sentence on how to re-plan, for callers that give their own.
     """
     now = hashlib.sha256(spec_bytes).hexdigest()
     then = plan.get("spec_sha256") if isinstance(plan, dict) else None
-    how = "Re-plan with `cascadec plan SPEC -o PLAN`, or pass --replan to plan again before running."
+    how = "Re-plan with `cascadec plan SPEC -o PLAN`, or pass --replan to plan again before running." if advice else ""
     if not isinstance(then, str):
-        return f"saved plan records no spec_sha256, so it cannot be checked against the spec. {how}"
+        return f"saved plan records no spec_sha256, so it cannot be checked against the spec. {how}".rstrip()
     if then != now:
         return (
             f"saved plan is stale: the spec changed since the plan was made "
             f"(plan from spec sha256 {then[:12]}, spec is now {now[:12]}). {how}"
-        )
+        ).rstrip()
     return None

@@ -76,7 +76,8 @@ def run_plan(
     of date, and a stage downstream reruns only if the forced one's outputs came out different.
     ``base_dir``: what the plan's local paths (model sources, data globs) are relative to.
     ``dry_run``: print what would run; exit 0 when nothing would, 2 when work is pending
-    (Terraform's -detailed-exitcode). Otherwise 0 on success and 1 on any error, which is
+    (Terraform's -detailed-exitcode), also when some stage's kind is missing from this runtime
+    (that is a `warning:` line after the summary: the plan is still what it is). Otherwise 0 on success and 1 on any error, which is
     printed as one `error: ...` line; the stages after a failed one are not run.
     """
     workdir, base_dir = Path(workdir), Path(base_dir).resolve()
@@ -102,8 +103,8 @@ def run_plan(
                     run_stage(plan, st, workdir, base_dir, out)
                 ran += v.state == RUN
         out(summary(ran, len(stages) - ran, done=not dry_run))
-        if refusal:
-            raise WorkspaceError(refusal)
+        if refusal:  # a dry run still answers its question (0/2); it says what a real run would refuse
+            out(f"warning: a run would refuse to start: {refusal}")
         return 2 if dry_run and ran else 0
     except WorkspaceError as e:
         out(f"error: {e}")

@@ -252,3 +252,43 @@ def test_binary_saved_plan(saved):
     saved.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     run = cascadec("diff", "plan.json", "plan.json", cwd=saved.parent)
     assert run.code == 2 and "cannot read" in run.err
+
+
+# -- saved-plan staleness and dry runs -----------------------------------------------------------------------
+
+def test_status_says_when_the_saved_plan_is_stale(saved):
+    fresh = cascadec("status", "plan.json", "--workdir", "w", cwd=saved.parent)
+    assert fresh.code == 0 and fresh.err == ""
+    spec = saved.parent / "spec.yaml"
+    spec.write_text(spec.read_text().replace("seed: 0", "seed: 1"))
+    stale = cascadec("status", "plan.json", "--workdir", "w", cwd=saved.parent)
+    assert stale.code == 0
+    then, now = json.loads(saved.read_text())["spec_sha256"][:12], _sha256(spec)[:12]
+    assert stale.err == (
+        f"warning: plan.json: saved plan is stale: the spec changed since the plan was made (plan from spec sha256 "
+        f"{then}, spec is now {now}). Using a fresh plan of spec.yaml.\n"
+        "  = help: `cascadec plan spec.yaml -o plan.json` updates the saved plan (review its diff with "
+        "`cascadec diff plan.json spec.yaml`)\n")
+    assert stale.out == cascadec("status", "spec.yaml", "--workdir", "w", cwd=saved.parent).out
+    refused = cascadec("run", "plan.json", "--workdir", "w", "--dry-run", cwd=saved.parent)  # run still refuses
+    assert refused.code == 1 and "error: plan.json: saved plan is stale" in refused.err
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_dry_run_of_a_plan_with_post_training_stages_exits_2(tmp_path):
+    """ministral3 has SFT, ODPO and GRPO stages: --dry-run answers 0/2 as promised, and says
+    which kinds a real run of this install would refuse, instead of failing with exit 1."""
+    run = cascadec_subprocess("run", str(REPO / "specs" / "ministral3.yaml"), "--dry-run", "--workdir", "w", cwd=tmp_path)
+    assert run.code == 2, run.err
+    lines = run.out.splitlines()
+    assert [line for line in lines if line.endswith("up to date.")] == ["39 to run, 0 up to date."]
+    assert {line.split()[1].split("/")[0] for line in lines if line.startswith("run ")} >= {"sft", "odpo", "grpo"}
+    for line in [line for line in lines if line.startswith("warning:")]:  # none once every kind is implemented
+        assert re.fullmatch(r"warning: a run would refuse to start: stage kind '(sft|odpo|grpo)' is not implemented in "
+                            r"this runtime \(stage [^)]+\); --only can select the stages that do not need it", line), line
+    assert not (tmp_path / "w").exists()  # a dry run writes nothing

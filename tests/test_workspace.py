@@ -200,6 +200,8 @@ def test_check_saved_plan(plan):
     assert stale.startswith("saved plan is stale: the spec changed since the plan was made")
     assert "`cascadec plan SPEC -o PLAN`" in stale and "--replan" in stale
     assert "no spec_sha256" in ws.check_saved_plan({"stages": []}, b"spec")
+    quiet = ws.check_saved_plan(plan, b"spec, edited", advice=False)
+    assert stale.startswith(quiet) and quiet.endswith(").") and "--replan" not in quiet
 
 
 @pytest.mark.parametrize(

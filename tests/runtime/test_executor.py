@@ -211,7 +211,9 @@ def test_unimplemented_kinds_fail_before_anything_runs(calls, monkeypatch, tmp_p
         plan = plan_of(stage("a"), stage("b", ["a"], kind=kind))
         message = f"error: stage kind {kind!r} is not implemented in this runtime (stage b); --only can select the stages that do not need it"
         assert run(plan, tmp_path) == (1, [message])
-        assert run(plan, tmp_path, dry_run=True) == (1, ["run   a  (new)", "run   b  (new)", "2 to run, 0 up to date.", message])
+        # --dry-run keeps its promise (0 nothing to do, 2 work pending) and says what a run would refuse
+        warning = message.replace("error: ", "warning: a run would refuse to start: ")
+        assert run(plan, tmp_path, dry_run=True) == (2, ["run   a  (new)", "run   b  (new)", "2 to run, 0 up to date.", warning])
     assert calls == []
 
 
