@@ -125,7 +125,10 @@ def cmd_validate(args) -> int:
         if result is None:
             status = EXIT_ERRORS
         else:
-            print(f"ok: {path}: family '{result.plan['family']}', {len(result.plan['stages'])} stages")
+            from .ack import count
+
+            print(f"ok: {path}: family '{result.plan['family']}', {len(result.plan['stages'])} stages"
+                  f"{count(result.acknowledged)}")
     return status
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import checks, graph, lower, plan, schema, source
+from . import ack, checks, graph, lower, plan, schema, source
 from .diagnostics import CompileError, Diagnostic, errors
 from .shapes import from_hf_config
 
@@ -20,6 +20,7 @@ class Result:
     spec: object  # FamilySpec
     doc: source.Document
     warnings: list[Diagnostic]
+    acknowledged: list[Diagnostic] = ()  # warnings a `# cascadec: ack CODE` comment silences
 
 
 def compile_doc(doc: source.Document, configs: dict) -> Result:
@@ -37,7 +38,7 @@ def compile_doc(doc: source.Document, configs: dict) -> Result:
     if bad:
         raise CompileError(bad)
     spec = lower.lower(doc, configs)  # 3. lower
-    diags = checks.run(spec, doc)  # 4. checks
+    diags, acked = ack.apply(checks.run(spec, doc), doc.text, doc.path)  # 4. checks (less acknowledged warnings)
     if errors(diags):
         raise CompileError(diags)
     g = graph.build(spec)  # 5. graph
@@ -45,7 +46,7 @@ def compile_doc(doc: source.Document, configs: dict) -> Result:
     if cycle:
         raise CompileError([Diagnostic(code="CSC206", message="stage cycle: " + " -> ".join([*cycle, cycle[0]]),
                                        path=doc.path, help="a checkpoint cannot teach or seed its own ancestors")])
-    return Result(plan=plan.emit(g, spec), graph=g, spec=spec, doc=doc, warnings=diags)  # 6. plan
+    return Result(plan=plan.emit(g, spec), graph=g, spec=spec, doc=doc, warnings=diags, acknowledged=acked)  # 6. plan
 
 
 def compile_file(path: str) -> Result:
