@@ -177,9 +177,9 @@ def cmd_graph(args) -> int:
 
 def cmd_diff(args) -> int:
     from . import plancheck
-    from .diff import diff
+    from .diff import diff, spec_changes
 
-    plans = []
+    plans, texts = [], []
     for path in (args.old, args.new):
         if _is_plan(path):  # a saved plan is compared as saved, even when its spec has moved on since
             plan = plancheck.load(path)
@@ -191,9 +191,10 @@ def cmd_diff(args) -> int:
             if result is None:
                 return EXIT_USAGE
             plan = result.plan
+            texts.append(result.doc.text)
         plans.append(plan)
     old, new = ({k: v for k, v in p.items() if k != "spec_file"} for p in plans)
-    lines = diff(old, new)
+    lines = diff(old, new, spec_lines=spec_changes(args.old, texts[0], args.new, texts[1]) if len(texts) == 2 else ())
     if not lines:
         print("plans are equal")
         return EXIT_OK
@@ -281,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("mermaid", "dot"), default="mermaid", help="output format (default: mermaid)")
     s.set_defaults(func=cmd_graph)
 
-    s = sub.add_parser("diff", help="explain the change between two plans or specs", description="Explain the change between two plans (or specs): stages added, removed, changed field by field, and the downstream stages each change invalidates. Exit 0 when equal, 1 when different, 2 when they cannot be compared.")
+    s = sub.add_parser("diff", help="explain the change between two plans or specs", description="Explain the change between two plans (or specs): a one-line summary (stages changed, invalidated, added, removed; how many would rerun, at what device-hours), the spec lines that changed (two specs), then each stage's changed fields and cost (tokens, FLOPs, device-hours), and the downstream stages each change invalidates. Exit 0 when equal, 1 when different, 2 when they cannot be compared.")
     s.add_argument("old", metavar="OLD", help="plan (.json) or spec (.yaml)")
     s.add_argument("new", metavar="NEW", help="plan (.json) or spec (.yaml)")
     s.set_defaults(func=cmd_diff)
