@@ -166,12 +166,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from . import text
+    from . import draw
 
     result = _compile(args.spec)
     if result is None:
         return EXIT_ERRORS
-    sys.stdout.write(text.mermaid(result.plan) if args.format == "mermaid" else text.dot(result.plan))
+    sys.stdout.write({"mermaid": draw.mermaid, "dot": draw.dot, "ascii": draw.ascii_tree}[args.format](result.plan))
     return EXIT_OK
 
 
@@ -277,9 +277,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", metavar="DIR", help="workspace the emitted scripts use (default: runs/FAMILY)")
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("graph", help="print the stage DAG", description="Print the stage DAG as Mermaid or Graphviz DOT.")
+    s = sub.add_parser("graph", help="draw the family: models, teachers, data, stages", description="Draw the family: models, data sources, and every stage in one group per child, with \"teaches\" edges from each teacher and \"judges\" edges from each judge model. `ascii` draws the cascade as a tree for a terminal (who is cut from whom, phases, variants, who teaches whom).")
     s.add_argument("spec", metavar="SPEC", help="family spec file (YAML)")
-    s.add_argument("--format", choices=("mermaid", "dot"), default="mermaid", help="output format (default: mermaid)")
+    s.add_argument("--format", choices=("mermaid", "dot", "ascii"), default="mermaid", help="output format (default: mermaid)")
     s.set_defaults(func=cmd_graph)
 
     s = sub.add_parser("diff", help="explain the change between two plans or specs", description="Explain the change between two plans (or specs): a one-line summary (stages changed, invalidated, added, removed; how many would rerun, at what device-hours), the spec lines that changed (two specs), then each stage's changed fields and cost (tokens, FLOPs, device-hours), and the downstream stages each change invalidates. Exit 0 when equal, 1 when different, 2 when they cannot be compared.")

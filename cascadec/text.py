@@ -1,4 +1,4 @@
-"""Human renderings of a plan: the Terraform-like stage table and the DAG as Mermaid or DOT.
+"""Human renderings of a plan: the Terraform-like stage table (the family drawn is `draw.py`).
 
 Reads only the plan dict (never the spec), so a saved plan renders the same as a fresh one.
 """
@@ -62,24 +62,3 @@ def _grid(rows, right=()) -> list[str]:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return lines
-
-
-def mermaid(plan: dict) -> str:
-    ids = {s["id"]: f"s{i}" for i, s in enumerate(plan["stages"])}
-    out = ["flowchart TD"]
-    for s in plan["stages"]:
-        out.append(f'  {ids[s["id"]]}["{s["id"]}"]')
-    for s in plan["stages"]:
-        for n in s["needs"]:
-            out.append(f"  {ids[n]} --> {ids[s['id']]}")
-    return "\n".join(out) + "\n"
-
-
-def dot(plan: dict) -> str:
-    out = ["digraph plan {", "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
-    for s in plan["stages"]:
-        out.append(f'  "{s["id"]}" [label="{s["id"]}\\n{s["kind"]}"];')
-    for s in plan["stages"]:
-        for n in s["needs"]:
-            out.append(f'  "{n}" -> "{s["id"]}";')
-    return "\n".join(out + ["}"]) + "\n"

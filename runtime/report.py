@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cascadec.text import mermaid, si
+from cascadec.draw import mermaid
+from cascadec.text import si
 
 TRAINING = ("bootstrap", "distill", "control", "sft", "dpo", "odpo", "grpo")
 

@@ -176,25 +176,57 @@ def test_emit_replaces_the_directory_whole(workdir):
 
 # -- graph ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["mermaid", "dot"])
-def test_graph(workdir, fmt):
-    run = cascadec("graph", "spec.yaml", "--format", fmt, cwd=workdir)
-    assert run.code == 0
-    plan = json.loads(cascadec("plan", "spec.yaml", "--format", "json", cwd=workdir).out)
-    edges = sum(len(s["needs"]) for s in plan["stages"])
-    if fmt == "mermaid":
-        assert run.out.startswith("flowchart TD\n")
-        assert run.out.count(" --> ") == edges
-        for s in plan["stages"]:
-            assert f'["{s["id"]}"]' in run.out
-    else:
-        assert run.out.startswith("digraph plan {\n") and run.out.endswith("}\n")
-        assert run.out.count(" -> ") == edges
-        for s in plan["stages"]:
-            for n in s["needs"]:
-                assert f'  "{n}" -> "{s["id"]}";' in run.out
-    assert cascadec("graph", "spec.yaml", cwd=workdir).out == cascadec("graph", "spec.yaml", "--format", "mermaid",
-                                                                         cwd=workdir).out
+GRAPHED = ["ministral3", "tiny"]
+
+
+@pytest.mark.parametrize("fmt", ["mermaid", "dot", "ascii"])
+@pytest.mark.parametrize("name", GRAPHED)
+def test_graph_is_pinned(name, fmt, update_goldens):
+    run = cascadec("graph", f"specs/{name}.yaml", "--format", fmt)
+    assert (run.code, run.err) == (0, "")
+    check_golden(GOLDEN / "cli" / f"graph.{name}.{fmt}.txt", run.out, update_goldens)
+
+
+@pytest.mark.parametrize("name", GRAPHED)
+def test_graph_draws_models_data_teachers_and_one_group_per_child(name):
+    plan = json.loads(cascadec("plan", f"specs/{name}.yaml", "--format", "json").out)
+    children = [n for n, m in plan["models"].items() if m["role"] == "child"]
+    inputs = [(i, s) for s in plan["stages"] for i in s["inputs"]]
+    teaching = sum(i["role"] in ("teacher", "teacher_logits") for i, _ in inputs)
+    judging = sum(i["role"].startswith("judge:") for i, _ in inputs)
+    data = sum(i["role"] == "data" for i, _ in inputs)
+    assert teaching and data
+    dot = cascadec("graph", f"specs/{name}.yaml", "--format", "dot").out
+    assert dot.startswith("digraph plan {\n") and dot.endswith("}\n")
+    assert dot.count(" -> ") == len(inputs)  # one edge per stage input
+    assert dot.count('[label="teaches"') == teaching and dot.count('[label="judges"') == judging
+    assert dot.count("[style=dotted]") == data
+    assert dot.count("subgraph cluster_") == len(children)
+    for c in children:
+        assert f'label="{c} · ' in dot
+    for m, spec in plan["models"].items():
+        if spec["role"] != "child":
+            assert f'"model:{m}" [label="{m} · {spec["role"]} · ' in dot
+    for s in plan["stages"]:
+        if s["kind"] != "bootstrap":  # a bootstrapped model is drawn as the model
+            assert f'  "{s["id"]}" [label=' in dot
+    mermaid = cascadec("graph", f"specs/{name}.yaml").out
+    assert mermaid.startswith("flowchart TD\n")
+    assert mermaid.count("==>|teaches|") == teaching and mermaid.count("-.->|judges|") == judging
+    assert mermaid.count("  subgraph ") == len(children) and mermaid.count("\n  end\n") == len(children)
+    assert sum(mermaid.count(f" {arrow} ") for arrow in ("-->", "==>|teaches|", "-.->|judges|", "-.->")) == len(inputs)
+
+
+def test_graph_ascii_reads_as_the_cascade():
+    out = cascadec("graph", "specs/ministral3.yaml", "--format", "ascii").out.splitlines()
+    assert out[0] == "family 'ministral3': mistral-small-3.1 -> ministral-3-14b -> ministral-3-8b -> ministral-3-3b"
+    assert out[2] == "mistral-small-3.1 (parent+teacher, 23.57B)"
+    assert out[3] == "`-- ministral-3-14b (13.51B): cut from mistral-small-3.1 (ffn 32768 -> 16384)"
+    assert "    `-- ministral-3-8b (8.49B): cut from ministral-3-14b/short (layers 40 -> 34, hidden 5120 -> 4096, " \
+           "ffn 16384 -> 14336)" in out
+    assert "  mistral-small-3.1    => ministral-3-14b (short, long), ministral-3-8b (short, long), " \
+           "ministral-3-3b (short, long)" in out
+    assert "  magistral-small-1.2  => ministral-3-3b (reasoning/sft)" in out
 
 
 # -- import hygiene ----------------------------------------------------------------------------------------
