@@ -17,26 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .text import si
-
-PER_CHILD = ("calibrate", "prune", "distill", "control", "sft", "dpo", "odpo", "grpo", "eval", "export")
-
+from .text import children, groups, si
 
 @dataclass(frozen=True)
 class Edge:
     src: str  # node id: a stage id, `model:<name>` or `data:<name>`
     dst: str
     kind: str  # "flow" | "teaches" | "judges" | "reads"
-
-
-def children(plan: dict) -> list[str]:
-    return [n for n, m in plan["models"].items() if m["role"] == "child"]
-
-
-def owner(stage: dict, kids: set) -> str | None:
-    """The child whose group holds this stage, None for shared stages."""
-    parts = stage["id"].split("/")
-    return parts[1] if stage["kind"] in PER_CHILD and len(parts) > 1 and parts[1] in kids else None
 
 
 def _node_of_stage(stage_id: str) -> str:
@@ -80,16 +67,9 @@ def _data(plan: dict, es: list[Edge]) -> list[str]:
 
 
 def _groups(plan: dict) -> tuple[dict[str, list[dict]], list[dict]]:
-    """(child -> its stages, shared stages), bootstrap stages left out (they are model nodes)."""
-    kids = children(plan)
-    groups: dict[str, list[dict]] = {c: [] for c in kids}
-    shared = []
-    for s in plan["stages"]:
-        if s["kind"] == "bootstrap":
-            continue
-        c = owner(s, set(kids))
-        (groups[c] if c else shared).append(s)
-    return groups, shared
+    """`text.groups` less the bootstrap stages (they are drawn as their models)."""
+    by_child, shared = groups(plan)
+    return by_child, [s for s in shared if s["kind"] != "bootstrap"]
 
 
 # -- Mermaid ------------------------------------------------------------------------------------

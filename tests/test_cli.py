@@ -90,6 +90,40 @@ def test_plan_text_is_a_table(workdir):
     assert re.search(r"^totals: \d+ stages", run.out, re.M)
 
 
+def test_plan_table_is_pinned(update_goldens):
+    run = cascadec("plan", "specs/ministral3.yaml")
+    assert (run.code, run.err) == (0, "")
+    check_golden(GOLDEN / "cli" / "plan.ministral3.txt", run.out, update_goldens)
+
+
+def test_plan_table_groups_rows_per_child_and_explains_its_notations():
+    out = cascadec("plan", "specs/ministral3.yaml").out
+    plan = json.loads(cascadec("plan", "specs/ministral3.yaml", "--format", "json").out)
+    lines = out.splitlines()
+    assert "shape: L layers, h hidden, f FFN; 32/8x128 = 32 query heads, 8 KV heads, head_dim 128; tied/untied embeddings" in lines
+    titles = [line for line in lines if line.startswith("# ")]
+    assert titles == ["# family-wide stages",
+                      "# ministral-3-14b: 13.51B parameters, cut from mistral-small-3.1",
+                      "# ministral-3-8b: 8.49B parameters, cut from ministral-3-14b/short",
+                      "# ministral-3-3b: 3.43B parameters, cut from ministral-3-8b/short"]
+    # every row under a child's title belongs to that child, and every stage has its row
+    section, seen = None, []
+    for line in lines:
+        if line.startswith("# "):
+            section = line[2:].split(":")[0]
+        elif section and line and not line.startswith(("eval tokens:", "totals:")) and "/" in line.split()[0]:
+            seen.append(line.split()[0])
+            assert section == "family-wide stages" or line.split()[0].split("/")[1] == section, line
+        elif section and not line:
+            continue
+        elif section:
+            break
+    assert sorted(seen) == sorted(s["id"] for s in plan["stages"])
+    # eval tokens say how many checkpoints they multiply
+    assert re.search(r"^eval/ministral-3-14b +eval +9x10\.00M ", out, re.M)
+    assert "eval tokens: N x T = N checkpoints scored, T held-out tokens each (all counted in the FLOPs)" in lines
+
+
 def test_plan_into_a_subdirectory_points_back_at_the_spec(workdir):
     assert cascadec("plan", "spec.yaml", "-o", "plans/deep/plan.json", cwd=workdir).code == 0
     plan = json.loads((workdir / "plans" / "deep" / "plan.json").read_text())
