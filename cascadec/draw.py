@@ -195,24 +195,21 @@ def ascii_tree(plan: dict) -> str:
 
     def child_lines(c: str, pad: str) -> list[str]:
         stages = groups[c]
-        rows = []
-        for s in stages:
-            if s["kind"] == "distill":
-                cfg = s["config"]
-                rows.append(("phase", f"{s['id'].rsplit('/', 1)[1]:<10} {si(cfg['tokens'])} tokens at seq {cfg['seq_len']:,}, "
-                             f"taught by {_teacher(s, by_id)}, data {_data_of(s)}"))
+        phases = [s for s in stages if s["kind"] == "distill"]
         variants: dict[str, list[dict]] = {}
         for s in stages:
             if s["id"].count("/") == 3:
                 variants.setdefault(s["id"].split("/")[2], []).append(s)
-        width = max((len(v) for v in variants), default=0)
-        for v, steps in sorted(variants.items()):
-            rows.append(("variant", f"{v:<{width}}  " + " -> ".join(_step(s, by_id, k == 0) for k, s in enumerate(steps))))
+        width = max([len(s["id"].rsplit("/", 1)[1]) for s in phases] + [len(v) for v in variants], default=0)
+        rows = [f"{s['id'].rsplit('/', 1)[1]:<{width}}  {si(s['config']['tokens'])} tokens at seq "
+                f"{s['config']['seq_len']:,}, taught by {_teacher(s, by_id)}, data {_data_of(s)}" for s in phases]
+        rows += [f"{v:<{width}}  " + " -> ".join(_step(s, by_id, k == 0) for k, s in enumerate(steps))
+                 for v, steps in sorted(variants.items())]
         extras = [s["kind"] for s in stages if s["kind"] in ("control", "eval", "export")]
         if extras:
-            rows.append(("extra", " + ".join(extras)))
+            rows.append(" + ".join(extras))
         lines = []
-        items = [r[1] for r in rows] + under.get(c, [])
+        items = rows + under.get(c, [])
         for k, item in enumerate(items):
             last = k == len(items) - 1
             branch, cont = ("`-- ", "    ") if last else ("|-- ", "|   ")

@@ -21,7 +21,12 @@ from cascadec import cli
 from cascadec.plan import canonical
 
 REPO = Path(__file__).resolve().parents[1]
-SPECS = sorted((REPO / "specs").glob("*.yaml"))
+SPECS = sorted((REPO / "specs").rglob("*.yaml"))  # the examples and the cookbook (specs/cookbook/)
+
+
+def spec_id(spec: Path) -> str:
+    """`specs/cookbook/qwen3.yaml` -> `cookbook/qwen3`: test ids and golden names (`tests/golden/<id>.plan.json`)."""
+    return spec.relative_to(REPO / "specs").with_suffix("").as_posix()
 GOLDEN = REPO / "tests" / "golden"
 
 

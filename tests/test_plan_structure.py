@@ -8,7 +8,7 @@ import heapq
 import json
 
 import pytest
-from compilerkit import REPO, SPECS, plan_json
+from compilerkit import REPO, SPECS, plan_json, spec_id
 
 PUBLISHED = {"mistral-small-3.1": 23_572_403_200, "ministral-3-14b": 13_506_073_600,
              "ministral-3-8b": 8_489_553_920, "ministral-3-3b": 3_429_006_336}
@@ -21,7 +21,7 @@ def _plan(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def plans() -> dict:
-    return {spec.stem: _plan(spec.stem) for spec in SPECS}
+    return {spec_id(spec): _plan(spec_id(spec)) for spec in SPECS}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _kahn_smallest_first(stages: list[dict]) -> list[str]:
     return order
 
 
-@pytest.mark.parametrize("name", [s.stem for s in SPECS])
+@pytest.mark.parametrize("name", [spec_id(s) for s in SPECS])
 def test_stages_are_topological_with_ties_broken_by_id(plans, name):
     stages = plans[name]["stages"]
     ids = [s["id"] for s in stages]
@@ -57,7 +57,7 @@ def test_stages_are_topological_with_ties_broken_by_id(plans, name):
     assert ids == _kahn_smallest_first(stages)
 
 
-@pytest.mark.parametrize("name", [s.stem for s in SPECS])
+@pytest.mark.parametrize("name", [spec_id(s) for s in SPECS])
 def test_needs_are_exactly_the_stage_inputs(plans, name):
     """`needs` is sorted and names every stage an input reads (and nothing else, except none)."""
     for s in plans[name]["stages"]:
@@ -70,7 +70,7 @@ def test_needs_are_exactly_the_stage_inputs(plans, name):
             assert out.startswith(f"stages/{s['id']}/")
 
 
-@pytest.mark.parametrize("name", [s.stem for s in SPECS])
+@pytest.mark.parametrize("name", [spec_id(s) for s in SPECS])
 def test_tokens_are_steps_times_sequence_times_batch(plans, name):
     for s in plans[name]["stages"]:
         c = s["config"]
