@@ -202,6 +202,30 @@ def cmd_diff(args) -> int:
     return EXIT_ERRORS
 
 
+def cmd_init(args) -> int:
+    from . import examples
+
+    if not examples.NAME.fullmatch(args.name):
+        _err(f"{args.name!r} is not a family name",
+             "use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit (at most 64)")
+        return EXIT_USAGE
+    out = args.output or f"{args.name}.yaml"
+    source = examples.path(args.example)
+    with open(source, encoding="utf-8") as f:
+        text = examples.starter(f.read(), args.name, os.path.dirname(out))
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    try:
+        with open(out, "x", encoding="utf-8") as f:  # "x": never overwrite, not even in a race
+            f.write(text)
+    except FileExistsError:
+        _err(f"{out} already exists; cascadec init never overwrites a file", "pass another path with -o, or remove it first")
+        return EXIT_ERRORS
+    print(f"wrote {out}: family '{args.name}', from example '{args.example}' ({examples.EXAMPLES[args.example][1]})")
+    print(f"next: edit it, then `cascadec validate {out}` and `cascadec plan {out}`")
+    return EXIT_OK
+
+
 def _workdir(args, plan) -> str:
     return args.workdir or os.path.join("runs", plan["family"])
 
@@ -264,6 +288,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"cascadec {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from .examples import DEFAULT, EXAMPLES
+
+    s = sub.add_parser("init", help="start a spec from a named example", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Start a family spec from a named example: a copy with `family:` set to NAME. Never overwrites a file.",
+                       epilog="examples:\n" + "\n".join(f"  {n:<14} {what}" for n, (_, what) in EXAMPLES.items()))
+    s.add_argument("name", metavar="NAME", help="family name of the new spec")
+    s.add_argument("--from", dest="example", choices=list(EXAMPLES), default=DEFAULT, metavar="EXAMPLE",
+                   help=f"example to start from (default: {DEFAULT}; listed below)")
+    s.add_argument("-o", "--output", metavar="PATH", help="where to write the spec (default: NAME.yaml)")
+    s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("validate", help="check specs; print every diagnostic", description="Check one or more family specs against the schema and the semantic rules; print every diagnostic.")
     s.add_argument("specs", nargs="+", metavar="SPEC", help="family spec files (YAML)")

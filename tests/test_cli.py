@@ -18,7 +18,7 @@ import pytest
 from compilerkit import GOLDEN, REPO, cascadec, cascadec_subprocess, check_golden
 
 TINY = REPO / "specs" / "tiny.yaml"
-COMMANDS = ["validate", "plan", "graph", "diff", "run", "status", "report"]  # `prune` is the runtime's own CLI
+COMMANDS = ["init", "validate", "plan", "graph", "diff", "run", "status", "report"]  # `prune` is the runtime's own CLI
 
 
 @pytest.fixture

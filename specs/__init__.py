@@ -1,0 +1,1 @@
+"""The example family specs, installed as `cascadec.specs` so that `cascadec init` finds them."""
