@@ -64,3 +64,27 @@ def test_init_usage_errors(tmp_path, args, message):
     run = cascadec("init", *args, cwd=tmp_path)
     assert run.code == 2 and message in run.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cookbook_quotes_what_the_compiler_prints():
+    """docs/cookbook.md walks through specs/cookbook/*.yaml; its quoted `graph --format ascii`
+    lines and spec excerpts must still be what the files and the compiler say."""
+    doc = (REPO / "docs" / "cookbook.md").read_text()
+    for name in ("qwen3", "llama3.1", "params-target"):
+        assert f"(../specs/cookbook/{name}.yaml)" in doc
+    ascii_view = cascadec("graph", "specs/cookbook/qwen3.yaml", "--format", "ascii").out.splitlines()
+    block = doc.split("```\nfamily 'qwen3-cascade'", 1)[1].split("```", 1)[0]
+    quoted = ["family 'qwen3-cascade'" + block.splitlines()[0]] + block.splitlines()[1:]
+    assert len(quoted) > 5
+    for line in quoted:
+        assert line.strip() == "..." or line in ascii_view, line
+    specs = [(REPO / "specs" / "cookbook" / f"{n}.yaml").read_text() for n in ("qwen3", "llama3.1", "params-target")]
+
+    def code(line: str) -> str:  # a YAML line without its comment
+        return line.split(" #")[0].rstrip()
+
+    excerpts = [block.split("```", 1)[0] for block in doc.split("```yaml\n")[1:]]
+    assert len(excerpts) == 3
+    for excerpt in excerpts:  # every excerpt is lines of one of the specs
+        wanted = [code(x) for x in excerpt.splitlines() if code(x)]
+        assert any(all(w in map(code, text.splitlines()) for w in wanted) for text in specs), excerpt
