@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from importlib import resources
 from pathlib import Path
 
 # name -> (file under specs/, what it shows); `cascadec init --help` lists them in this order
@@ -30,6 +29,8 @@ FAMILY = re.compile(r"^family: .*$", re.M)
 def root() -> Path:
     """The installed examples; in a source checkout installed before `cascadec.specs`
     existed (an old editable install), the `specs/` folder beside the package."""
+    from importlib import resources  # here: `cascadec --help` builds the parser on every command
+
     try:
         return Path(str(resources.files("cascadec.specs")))
     except ModuleNotFoundError:
@@ -41,6 +42,8 @@ def path(name: str) -> Path:
 
 
 def schema_path() -> Path:
+    from importlib import resources
+
     return Path(str(resources.files("cascadec.schemas").joinpath("family.schema.json")))
 
 
