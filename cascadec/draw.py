@@ -15,6 +15,7 @@ for a terminal: who is cut from whom, each phase and variant, who teaches whom.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .text import children, groups, si
@@ -82,7 +83,12 @@ def mermaid(plan: dict) -> str:
     ids: dict[str, str] = {}
 
     def nid(node: str) -> str:
-        return ids.setdefault(node, f"n{len(ids)}")
+        """A readable Mermaid id: `model:qwen3-8b` -> `model_qwen3_8b` (numbered if two collide)."""
+        if node not in ids:
+            base = re.sub(r"[^A-Za-z0-9]", "_", node)
+            taken = set(ids.values())
+            ids[node] = next(c for c in (base, *(f"{base}_{k}" for k in range(2, len(ids) + 3))) if c not in taken)
+        return ids[node]
 
     out = ["flowchart TD"]
     for node, label in _models(plan).items():
@@ -90,8 +96,8 @@ def mermaid(plan: dict) -> str:
     for node in _data(plan, es):
         out.append(f'  {nid(node)}[("{node.split(":", 1)[1]}")]')
     groups, shared = _groups(plan)
-    for i, (child, stages) in enumerate(groups.items()):
-        out.append(f'  subgraph c{i}["{child} · {si(plan["models"][child]["params"])}"]')
+    for child, stages in groups.items():
+        out.append(f'  subgraph {nid("child:" + child)}["{child} · {si(plan["models"][child]["params"])}"]')
         out += [f'    {nid(s["id"])}["{s["id"]}"]' for s in stages]
         out.append("  end")
     out += [f'  {nid(s["id"])}["{s["id"]}"]' for s in shared]
