@@ -216,6 +216,9 @@ def calibrate(model_dir: Path, *, source: dict | None, samples: int, seq_len: in
               progress: bool = True) -> tuple[dict, dict]:
     """Load ``model_dir``, pack its calibration tokens, collect the scores: (stats, summary).
 
+    ``stats`` also holds the model's reference outputs on the first sequences (reconstruction.py),
+    against which every prune of this model is checked.
+
     Runs on the GPU in the checkpoint's dtype when there is one, else on CPU in float32 (CPU
     half-precision matmuls are slow and the scores are float64 sums anyway).
     """
@@ -224,11 +227,14 @@ def calibrate(model_dir: Path, *, source: dict | None, samples: int, seq_len: in
     from .adapters import for_config, load_model, read_config
     from .calibration_text import pack
 
+    from .reconstruction import reference, verify_ids
+
     adapter = for_config(read_config(model_dir))
     ids = pack(AutoTokenizer.from_pretrained(model_dir), source, samples=samples, seq_len=seq_len, offset=offset)
     cuda = torch.cuda.is_available()
     model = load_model(model_dir, dtype=None if cuda else torch.float32, device="cuda" if cuda else "cpu")
     stats = collect(adapter.decoder(model), ids, batch_size=batch_size, scores=scores, progress=progress)
+    stats.update(reference(model, verify_ids(ids)))  # what the pruned model is compared against
     summary = {"samples": samples, "seq_len": seq_len, "offset": offset,
                "data": source or "builtin:stdlib", **summarize(stats, angular_block=angular_block)}
     return stats, summary

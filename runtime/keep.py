@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cascadec.shapes import Shape
+from cascadec.shapes import Shape, config_errors
 
 # Method names per axis as the plan's `prune.config.methods` spells them (aliases accepted).
 METHODS = {
@@ -61,6 +61,8 @@ def check(source: Shape, target: Shape, methods: dict, stats: dict | None) -> No
         raise SurgeryError(f"{target.heads // target.kv_heads} query heads per KV head exceeds the "
                            f"source's {source.heads // source.kv_heads}",
                            "GQA pruning drops KV groups or query heads within groups; it cannot regroup")
+    for what, fix in config_errors(target):  # a checkpoint transformers would refuse to load
+        raise SurgeryError(f"target {what}", fix)
     if source.tied_embeddings and not target.tied_embeddings:
         raise SurgeryError("untying embeddings is not supported (the model would grow)",
                            "set tied_embeddings to true for a tied source")
@@ -95,11 +97,15 @@ class Basis:
     norm's output is y·sqrt(d)/|x|. Every norm weight is therefore multiplied by sqrt(r·d/k):
     sqrt(old/new) when the dropped coordinates carry nothing (r = 1), and exactly 1 at full
     width, which keeps the rotation-only identity exact. r is pooled over all layers.
+
+    ``final_gain`` is the final norm's weight (before ``gain``) when the head is tied to the
+    embedding: see ``aligned_to_gain``.
     """
 
     rotation: torch.Tensor | None = None  # [d, k] orthonormal columns (pca)
     index: torch.Tensor | None = None  # [k] kept channels (channel)
     gain: float = 1.0
+    final_gain: torch.Tensor | None = None  # [k] tied final norm weight under a rotation
 
     def read(self, w: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         if self.rotation is not None:
@@ -118,15 +124,29 @@ class Basis:
         return g if self.index is None else g[self.index] * self.gain
 
     def tied_final_norm(self, g: torch.Tensor) -> torch.Tensor:
-        """Final norm when the head is tied to the embedding and so cannot absorb the gain.
-
-        Under a rotation diag(g) becomes Qᵀ·diag(g)·Q, which a norm weight can only hold as its
-        diagonal: Σ_j Q_ji² g_j. That is exact when g is constant and otherwise the closest
-        diagonal (least squares); channel selection is exact either way.
-        """
+        """Final norm when the head is tied to the embedding and so cannot absorb the gain."""
         if self.rotation is None:
             return self.norm(g)
-        return self.gain * (self.rotation.pow(2) * g[:, None]).sum(0)
+        return self.gain * self.final_gain
+
+
+def aligned_to_gain(u: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis, final norm weight) for a tied head: the kept subspace span(u), re-based so that
+    the final norm's gain ``g`` is as exact as a diagonal weight can make it.
+
+    A tied head is the embedding E·Q, so the pruned logits are E·Q·diag(g')·Qᵀ·x̂ where the
+    original's are E·diag(g)·x̂. PCA fixes the subspace, not the basis inside it: any Q = u·R
+    (R orthogonal) keeps every layer exact. Taking R from the eigendecomposition of
+    M = uᵀ·diag(g)·u = R·Λ·Rᵀ and g' = Λ makes Q·diag(g')·Qᵀ = P·diag(g)·P (P = u·uᵀ), the
+    compression of diag(g) onto the kept subspace; the only error left is the part of
+    diag(g)·x̂ that leaves it. At full width P = I, so a rotation without slicing is exact
+    for any gain, negative ones included. (Keeping u's own basis and the diagonal of M, as a
+    norm weight can hold, mixes channels of unequal gain: on a tied 135M Llama with gains
+    from −2.1 to 3.3 that cost 1.8 nats at a 1.6% cut; benchmarks/prune_quality.py.)
+    """
+    m = u.double().T @ (g.double()[:, None] * u.double())
+    eigval, r = torch.linalg.eigh((m + m.T) / 2)
+    return (u.double() @ r).to(u.dtype), eigval.float()
 
 
 @dataclass
@@ -161,7 +181,9 @@ def choose_layers(method: str | None, stats: dict, n: int, k: int) -> tuple[list
     return top(scores, k).tolist(), {"scores": scores.tolist()}
 
 
-def choose_basis(method: str | None, stats: dict, d: int, k: int) -> tuple[Basis, dict]:
+def choose_basis(method: str | None, stats: dict, d: int, k: int,
+                 tied_gain: torch.Tensor | None = None) -> tuple[Basis, dict]:
+    """The hidden basis; ``tied_gain`` is the final norm's gain when the pruned head is tied."""
     if method is None:
         return Basis(), {}
     if method == "pca":
@@ -169,7 +191,12 @@ def choose_basis(method: str | None, stats: dict, d: int, k: int) -> tuple[Basis
         eigval, eigvec = eigval.flip(0).clamp_min(0), eigvec.flip(1)  # descending variance
         kept = float(eigval[:k].sum() / eigval.sum())
         basis = Basis(rotation=eigvec[:, :k].float(), gain=(kept * d / k) ** 0.5)
-        return basis, {"energy_kept": kept, "gain": basis.gain}
+        report = {"energy_kept": kept, "gain": basis.gain}
+        if tied_gain is not None:
+            basis.rotation, basis.final_gain = aligned_to_gain(eigvec[:, :k], tied_gain)
+            basis.rotation = basis.rotation.float()
+            report["tied_head"] = "gain-aligned basis"
+        return basis, report
     index = top(stats["hidden_channel"], k)
     energy = stats["hidden_energy"].double()
     kept = float(energy[index].sum() / energy.sum())
@@ -190,10 +217,15 @@ def choose_heads(scores: torch.Tensor, source: Shape, target: Shape) -> tuple[to
     return kv, torch.cat(q)
 
 
-def decide(source: Shape, target: Shape, methods: dict, stats: dict) -> Keep:
-    """Pick what to keep along every axis (layers first: the others are read per kept layer)."""
+def decide(source: Shape, target: Shape, methods: dict, stats: dict,
+           final_gain: torch.Tensor | None = None) -> Keep:
+    """Pick what to keep along every axis (layers first: the others are read per kept layer).
+
+    ``final_gain`` (the final norm's weight) is needed when the target's head is tied.
+    """
     layers, layer_report = choose_layers(methods.get("layers"), stats, source.layers, target.layers)
-    basis, hidden_report = choose_basis(methods.get("hidden"), stats, source.hidden, target.hidden)
+    tied_gain = final_gain if target.tied_embeddings else None
+    basis, hidden_report = choose_basis(methods.get("hidden"), stats, source.hidden, target.hidden, tied_gain)
     keep = Keep(layers=layers, basis=basis)
     for i in layers:
         if methods.get("ffn") and target.ffn != source.ffn:

@@ -21,6 +21,7 @@ from . import keep as keeping
 from .adapters import MISTRAL3_PROJECTOR, Adapter, for_config, read_config
 from .checkpoint import DEFAULT_SHARD_BYTES, Reader, ShardWriter, atomic_dir, copy_side_files
 from .keep import Basis, Keep, SurgeryError
+from .reconstruction import WARN_KL, verify
 
 
 def rows(w: torch.Tensor, index: torch.Tensor | None, dim: int = 0, block: int = 1) -> torch.Tensor:
@@ -138,11 +139,14 @@ def new_config(config: dict, adapter: Adapter, target: Shape, layers: list[int])
 
 
 def prune(src: Path, out: Path, *, stats: dict, target: Shape, methods: dict,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES, calibration: dict | None = None, log=print) -> dict:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, calibration: dict | None = None,
+          warn_kl: float = WARN_KL, log=print) -> dict:
     """Write the pruned checkpoint of ``src`` at ``target`` shape to ``out``; returns the report.
 
     ``methods`` maps axis (layers, hidden, ffn, heads) to a method name or None (unchanged).
-    ``calibration`` (the calibration summary) is copied into ``prune_report.json``.
+    ``calibration`` (the calibration summary) is copied into ``prune_report.json``. The output
+    is loaded back with ``from_pretrained`` and compared with the source on the calibration
+    reference in ``stats`` (``report["reconstruction"]``; a warning above ``warn_kl``).
     Raises SurgeryError for an unreachable target; writes nothing to ``out`` on any error.
     """
     config = read_config(src)
@@ -150,7 +154,8 @@ def prune(src: Path, out: Path, *, stats: dict, target: Shape, methods: dict,
     keeping.check(source, target, methods, stats)
     reader = Reader(src)
     check_keys(reader, adapter, source)
-    k = keeping.decide(source, target, methods, stats)
+    final_gain = reader.read([adapter.final_norm])[adapter.final_norm].float()
+    k = keeping.decide(source, target, methods, stats, final_gain)
     log(f"prune: {source.layers}->{target.layers} layers, hidden {source.hidden}->{target.hidden}, "
         f"ffn {source.ffn}->{target.ffn}, heads {source.heads}/{source.kv_heads}->{target.heads}/{target.kv_heads}")
     with atomic_dir(out) as tmp:
@@ -162,9 +167,15 @@ def prune(src: Path, out: Path, *, stats: dict, target: Shape, methods: dict,
             raise RuntimeError(f"wrote {written} text parameters, expected {param_count(target)}")
         (tmp / "config.json").write_text(json.dumps(new_config(config, adapter, target, k.layers), indent=2) + "\n")
         copied = copy_side_files(src, tmp)
+        try:  # the output must load and run; against the calibration reference when there is one
+            reconstruction = verify(tmp, stats, warn_kl=warn_kl, log=log)
+        except ValueError as e:
+            raise SurgeryError(str(e), "this is a bug in cascadec's surgery for this model; please report it "
+                               "with the model's config.json") from None
         report = {"source": source.axes(), "target": target.axes(), "params": written,
                   "source_params": param_count(source), "methods": methods, "kept": k.report,
-                  "copied": copied, "shards": len(writer.shards), "calibration": calibration}
+                  "copied": copied, "shards": len(writer.shards), "calibration": calibration,
+                  "reconstruction": reconstruction}
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 

@@ -64,3 +64,59 @@ def save_model(path: Path, family: str = "mistral", *, seed: int = 0, tied: bool
     model.save_pretrained(path)
     tokenizer(config.get_text_config().vocab_size).save_pretrained(path)
     return Path(path)
+
+
+def stdlib_text(split: str, chars: int) -> str:
+    """The first ``chars`` characters of the interpreter's stdlib sources (the runtime's split)."""
+    from cascadec.runtime.data import documents, source_files
+
+    out, n = [], 0
+    for _, path in source_files({"kind": "builtin", "builtin": "stdlib", "split": split}):
+        text = next(documents(path, "builtin"))
+        out.append(text)
+        n += len(text)
+        if n >= chars:
+            break
+    return "\n".join(out)[:chars]
+
+
+def trained_model(path: Path, family: str = "llama", *, tied: bool = True, steps: int = 300, batch: int = 8,
+                  seq_len: int = 64, lr: float = 3e-3, train_chars: int = 400_000, seed: int = 0,
+                  **overrides) -> Path:
+    """A small model trained on stdlib text, saved like a real checkpoint (safetensors + tokenizer).
+
+    Norm gains start spread around 1 with some negative (1 + 0.8·N(0, 1)), as in trained LLMs
+    (a 135M Llama's final norm runs from -2.1 to 3.3), and training moves them on; random
+    initialisation would leave unit gains, which hide the bugs that real checkpoints hit.
+    """
+    import torch
+    import transformers as tf
+
+    from cascadec.runtime.tokenizer import train_bpe
+
+    text = stdlib_text("train", train_chars)
+    config = hf_config(family, tied=tied, **overrides)
+    tok = train_bpe([text], config.vocab_size)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.8 * torch.randn(p.shape))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+        x = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)

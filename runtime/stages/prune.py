@@ -19,4 +19,4 @@ def run(ctx) -> dict:
     stats = load(ctx.inputs["stats"]) if any(methods.values()) else {}
     report = prune(ctx.inputs["model"], ctx.out / "model", stats=stats, target=target, methods=methods, log=ctx.log)
     return {"params": report["params"], "source_params": report["source_params"],
-            "layers_kept": len(report["kept"]["layers"]["kept"])}
+            "layers_kept": len(report["kept"]["layers"]["kept"]), "reconstruction": report["reconstruction"]}
