@@ -233,7 +233,10 @@ def calibrate(model_dir: Path, *, source: dict | None, samples: int, seq_len: in
     ids = pack(AutoTokenizer.from_pretrained(model_dir), source, samples=samples, seq_len=seq_len, offset=offset)
     cuda = torch.cuda.is_available()
     model = load_model(model_dir, dtype=None if cuda else torch.float32, device="cuda" if cuda else "cpu")
-    stats = collect(adapter.decoder(model), ids, batch_size=batch_size, scores=scores, progress=progress)
+    if scores:
+        stats = collect(adapter.decoder(model), ids, batch_size=batch_size, scores=scores, progress=progress)
+    else:  # nothing to choose (a tie, or a keep-everything cut): only the reference below
+        stats = {"tokens": torch.tensor([0.0], dtype=torch.float64)}
     stats.update(reference(model, verify_ids(ids)))  # what the pruned model is compared against
     summary = {"samples": samples, "seq_len": seq_len, "offset": offset,
                "data": source or "builtin:stdlib", **summarize(stats, angular_block=angular_block)}

@@ -21,6 +21,11 @@ METHODS = {
     # GQA-aware algorithm serves both, and the target shape says which counts change.
     "heads": {"importance", "heads", "query", "kv_groups"},
 }
+# Other spellings of the same algorithm (the compiler's names for heads; an old ffn name).
+ALIASES = {"ffn_activation", "heads", "query", "kv_groups"}
+# What `cascadec prune` uses when a flag does not say, chosen from measurements
+# (docs/pruning.md: on trained models block influence drops the layers that cost least).
+DEFAULT = {"layers": "block_influence", "hidden": "pca", "ffn": "activation", "heads": "importance"}
 # The calibration score each method reads.
 NEEDS = {"norm_ratio": "norm_ratio", "block_influence": "block_influence",
          "angular": "angular_distance", "pca": "hidden_covariance", "channel": "hidden_channel",

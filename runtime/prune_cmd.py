@@ -7,8 +7,10 @@ It must never print a traceback or leave a partial OUT_DIR on bad input.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from cascadec.shapes import from_hf_config
@@ -24,12 +26,21 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cascadec prune", description="Prune a Hugging Face checkpoint "
                                 "to a smaller shape, choosing what to keep from calibration scores.")
     p.add_argument("src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory")
-    p.add_argument("out", type=Path, metavar="OUT_DIR", help="where to write the pruned model (must not exist)")
+    p.add_argument("out", type=Path, metavar="OUT_DIR", nargs="?",
+                   help="where to write the pruned model (must not exist; not with --compare)")
     for axis in AXES:
         p.add_argument(f"--{axis.replace('_', '-')}", type=int, metavar="N",
                        help=f"target {axis.replace('_', ' ')} (default: unchanged)")
-    p.add_argument("--layer-method", choices=sorted(keep.METHODS["layers"]), default="norm_ratio")
-    p.add_argument("--hidden-method", choices=sorted(keep.METHODS["hidden"]), default="pca")
+    p.add_argument("--layer-method", choices=sorted(keep.METHODS["layers"]), default=keep.DEFAULT["layers"],
+                   help=f"which layers to drop (default {keep.DEFAULT['layers']}; see --compare)")
+    p.add_argument("--hidden-method", choices=sorted(keep.METHODS["hidden"]), default=keep.DEFAULT["hidden"],
+                   help=f"how to narrow the residual stream (default {keep.DEFAULT['hidden']})")
+    p.add_argument("--compare", action="store_true",
+                   help="cut with every layer criterion (and hidden method, when hidden changes), print what each "
+                        "drops and costs on the calibration text, and write nothing")
+    p.add_argument("--warn-kl", type=float, default=None, metavar="NATS",
+                   help="warn when the pruned model's KL to its source on the calibration text exceeds this "
+                        "(nats/token, default 1.0)")
     p.add_argument("--tie-embeddings", action="store_true", help="tie the LM head to the input embedding")
     p.add_argument("--calibration", type=Path, metavar="FILE",
                    help="calibration text (.txt) or jsonl with a 'text' field (default: Python's stdlib sources)")
@@ -49,8 +60,8 @@ def request_from_flags(args, source):
     heads_change = (target.heads, target.kv_heads) != (source.heads, source.kv_heads)
     methods = {"layers": args.layer_method if target.layers != source.layers else None,
                "hidden": args.hidden_method if target.hidden != source.hidden else None,
-               "ffn": "activation" if target.ffn != source.ffn else None,
-               "heads": "importance" if heads_change else None}
+               "ffn": keep.DEFAULT["ffn"] if target.ffn != source.ffn else None,
+               "heads": keep.DEFAULT["heads"] if heads_change else None}
     from .calibration_text import file_source
 
     calib = {"source": file_source(args.calibration), "samples": args.samples, "seq_len": args.seq_len,
@@ -102,28 +113,69 @@ def run(args) -> None:
         raise SurgeryError(str(e), "cascadec prunes Llama, Mistral, Ministral3, Qwen2, Qwen3 and "
                            "Mistral 3 (text tower) checkpoints") from None
     source = from_hf_config(config)
-    if args.out.exists():
+    if args.out is not None and args.out.exists():
         raise FileExistsError(f"{args.out} already exists")
     if args.calibration is not None and not args.calibration.is_file():
         raise FileNotFoundError(f"calibration file {args.calibration} not found")
     request = request_from_plan if args.from_plan else request_from_flags
     target, methods, calib = request(args, source)
-    keep.check(source, target, methods, None)
-    stats, summary = {}, None
-    scores = keep.scores_for(methods)
-    if scores:
-        from .calibrate import calibrate
+    candidates = alternatives(methods) if args.compare else [methods]
+    if args.compare and len(candidates) == 1:
+        raise SurgeryError("--compare needs a target that changes layers or hidden",
+                           "give --layers N and/or --hidden N below the source's size")
+    for m in candidates:
+        keep.check(source, target, m, None)
+    scores = keep.scores_for({f"{axis}{i}": method for i, m in enumerate(candidates) for axis, method in m.items()})
+    from .calibrate import calibrate
 
-        try:
-            stats, summary = calibrate(args.src, scores=scores,
-                                       angular_block=source.layers - target.layers or None, **calib)
-        except ValueError as e:  # too little calibration text
-            raise SurgeryError(str(e), "give more calibration text or lower --samples/--seq-len") from None
+    try:
+        stats, summary = calibrate(args.src, scores=scores, angular_block=source.layers - target.layers or None, **calib)
+    except ValueError as e:  # too little calibration text
+        raise SurgeryError(str(e), "give more calibration text or lower --samples/--seq-len") from None
     from .prune import prune
 
-    report = prune(args.src, args.out, stats=stats, target=target, methods=methods, calibration=summary,
-                   log=lambda m: print(m, file=sys.stderr))
-    print(f"wrote {args.out}: {report['source_params']:,} -> {report['params']:,} parameters")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    warn = {} if args.warn_kl is None else {"warn_kl": args.warn_kl}
+    if not args.compare:
+        report = prune(args.src, args.out, stats=stats, target=target, methods=methods, calibration=summary,
+                       log=log, **warn)
+        print(f"wrote {args.out}: {report['source_params']:,} -> {report['params']:,} parameters")
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=".cascadec-compare-", dir=args.src.parent) as tmp:
+        for i, m in enumerate(candidates):
+            report = prune(args.src, Path(tmp) / str(i), stats=stats, target=target, methods=m, log=log,
+                           warn_kl=float("inf"))
+            rows.append((m, report))
+    print(comparison(rows, source, target))
+
+
+def alternatives(methods: dict) -> list[dict]:
+    """``methods`` with every method of each axis that changes among layers and hidden."""
+    axes = [a for a in ("layers", "hidden") if methods.get(a)]
+    choices = [sorted(keep.METHODS[a] - keep.ALIASES) for a in axes]
+    return [{**methods, **dict(zip(axes, combo))} for combo in itertools.product(*choices)]
+
+
+def comparison(rows: list[tuple[dict, dict]], source, target) -> str:
+    """The --compare table, best (lowest KL to the source) first."""
+    rows = sorted(rows, key=lambda r: (r[1]["reconstruction"]["kl"],  # ties: the defaults first
+                                       [r[0][a] != keep.DEFAULT[a] for a in ("layers", "hidden") if r[0].get(a)]))
+    r0 = rows[0][1]["reconstruction"]
+    lines = [f"{source.layers}->{target.layers} layers, hidden {source.hidden}->{target.hidden}, "
+             f"{rows[0][1]['source_params']:,} -> {rows[0][1]['params']:,} parameters; "
+             f"calibration text: {r0['tokens']:,} tokens, source loss {r0['source_loss']:.3f} nats/token", "",
+             f"{'layers':<16} {'hidden':<8} {'KL':>8} {'loss':>8} {'Δloss':>8} {'top-1':>6}  dropped layers"]
+    for m, report in rows:
+        r, kept = report["reconstruction"], report["kept"]["layers"]["kept"]
+        dropped = [i for i in range(source.layers) if i not in kept]
+        lines.append(f"{m.get('layers') or '-':<16} {m.get('hidden') or '-':<8} {r['kl']:>8.4f} {r['loss']:>8.3f} "
+                     f"{r['loss_delta']:>+8.3f} {r['top1_agreement']:>6.1%}  {dropped or '-'}")
+    best = rows[0][0]
+    flags = " ".join(f"--{flag}-method {best[a]}" for a, flag in (("layers", "layer"), ("hidden", "hidden"))
+                     if best.get(a))
+    lines += ["", f"closest to the source: {flags} (KL: nats/token to the source, its top-64 tokens + the rest)"]
+    return "\n".join(lines)
 
 
 HELP = {
@@ -142,6 +194,10 @@ def main(argv: list[str]) -> int:
     if (args.from_plan is None) != (args.stage is None):
         p.print_usage(sys.stderr)
         print("cascadec prune: error: --from-plan and --stage go together", file=sys.stderr)
+        return 2
+    if (args.out is None) != args.compare:
+        p.print_usage(sys.stderr)
+        print("cascadec prune: error: give OUT_DIR, or --compare (which writes nothing)", file=sys.stderr)
         return 2
     if args.from_plan and any(getattr(args, a) is not None for a in AXES):
         p.print_usage(sys.stderr)

@@ -150,3 +150,34 @@ def test_stage_functions(src, tmp_path):
     metrics = prune_stage.run(ctx)
     target = su.shape(src).replace(layers=3, hidden=40, ffn=72)
     assert metrics["params"] == param_count(target) == su.text_params(tmp_path / "prune" / "model")
+
+
+def test_compare_cuts_with_every_criterion_and_writes_nothing(src, tmp_path, capsys):
+    """--compare: one row per (layer criterion, hidden method), best first, each row's KL that of
+    the real prune with those methods; nothing is left on disk."""
+    before = sorted(p.name for p in src.parent.iterdir())
+    capsys.readouterr()
+    assert main([str(src), "--layers", "2", "--hidden", "48", "--compare", *calib(src)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    small = param_count(su.shape(src).replace(layers=2, hidden=48))
+    assert out[0] == f"4->2 layers, hidden 64->48, 188,992 -> {small:,} parameters; calibration text: 128 tokens, " \
+                     f"source loss {out[0].rsplit('loss ', 1)[1]}"
+    assert out[2].split() == ["layers", "hidden", "KL", "loss", "Δloss", "top-1", "dropped", "layers"]
+    rows = [line.split(maxsplit=6) for line in out[3:9]]
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        (layer, hidden) for layer in ("angular", "block_influence", "norm_ratio") for hidden in ("channel", "pca"))
+    kls = [float(r[2]) for r in rows]
+    assert kls == sorted(kls)
+    best = rows[0]
+    assert out[-1].startswith(f"closest to the source: --layer-method {best[0]} --hidden-method {best[1]} ")
+    assert sorted(p.name for p in src.parent.iterdir()) == before
+    main([str(src), str(tmp_path / "real"), "--layers", "2", "--hidden", "48", "--layer-method", best[0],
+          "--hidden-method", best[1], *calib(src)])
+    kl = json.loads((tmp_path / "real" / "prune_report.json").read_text())["reconstruction"]["kl"]
+    assert f"{kl:.4f}" == best[2]
+
+
+def test_compare_needs_a_depth_or_width_cut(src, capsys):
+    assert main([str(src), "--ffn", "64", "--compare", *calib(src)]) == 1
+    assert capsys.readouterr().err == ("error: --compare needs a target that changes layers or hidden\n"
+                                       "help: give --layers N and/or --hidden N below the source's size\n")
