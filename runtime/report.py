@@ -69,10 +69,16 @@ def collect(plan: dict, workdir: Path) -> dict:
                       "planned_device_hours": s["estimate"]["device_hours"],
                       "tokens": man.get("tokens_seen"), "wall_time_s": man.get("wall_time_s"),
                       "done": bool(man)})
+    pruning = []
+    for sid, s in stages.items():
+        if s["kind"] == "prune":
+            man = _read_json(workdir / "stages" / sid / "manifest.json") or {}
+            pruning.append({"stage": sid, "methods": {a: m for a, m in s["config"]["methods"].items() if m},
+                            **((man.get("metrics") or {}).get("reconstruction") or {})})
     curves = {sid: [(r.get("tokens"), r.get("loss")) for r in _metrics(workdir / "stages" / sid / "metrics.jsonl")]
               for sid, s in stages.items() if s["kind"] in TRAINING}
     return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
-            "losses": losses, "stages": spent, "curves": {k: v for k, v in curves.items() if v},
+            "losses": losses, "stages": spent, "pruning": pruning, "curves": {k: v for k, v in curves.items() if v},
             "totals": plan["totals"]}
 
 
@@ -140,6 +146,18 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
               "'gap recovered' = (pruned − final) / (pruned − parent): the share of the loss that pruning "
               "cost which distillation won back.", ""]
     lines += [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    lines += ["## Pruning: how far each cut moved the model", "",
+              "| prune stage | methods | KL to source | calibration loss before → after | top-1 agreement |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    for r in data.get("pruning", []):
+        methods = ", ".join(f"{a}: {m}" for a, m in sorted(r["methods"].items())) or "–"
+        before_after = "–" if "loss" not in r else f"{r['source_loss']:.3f} → {r['loss']:.3f}"
+        agree = "–" if "top1_agreement" not in r else f"{r['top1_agreement']:.1%}"
+        lines.append(f"| {r['stage']}{' ⚠' if r.get('warning') else ''} | {methods} | {_f(r.get('kl'))} | "
+                     f"{before_after} | {agree} |")
+    lines += ["", "KL (nats/token) of the freshly pruned model to the checkpoint it was cut from, on the first "
+              "calibration sequences, over the source's top-64 tokens plus the rest (a lower bound of the full "
+              "KL); ⚠ marks a cut above the warning threshold (its manifest holds the warning).", ""]
     lines += ["## Compute: planned and spent", "",
               "| stage | kind | planned tokens | tokens seen | planned device-hours | wall time |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]

@@ -36,10 +36,23 @@ def random_norms(tensors: dict, seed: int = 1) -> None:
             t.copy_(1.0 + 0.8 * torch.randn(t.shape, generator=g))
 
 
-def model(tmp: Path, family: str = "mistral", *, tied: bool = False, norms: bool = True, **axes) -> Path:
-    """A tiny random checkpoint with random norm gains (unless ``norms`` is False)."""
+def to_bf16(model_dir: Path) -> Path:
+    """Store a checkpoint's weights in bfloat16, as most released checkpoints are."""
+    import json
+
+    edit(model_dir, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    (Path(model_dir) / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2))
+    return Path(model_dir)
+
+
+def model(tmp: Path, family: str = "mistral", *, tied: bool = False, norms: bool = True, bf16: bool = False,
+          **axes) -> Path:
+    """A tiny random checkpoint with random norm gains (unless ``norms`` is False), in bfloat16
+    when ``bf16``."""
     path = tinymodels.save_model(Path(tmp) / f"{family}-{'tied' if tied else 'untied'}", family, tied=tied, **axes)
-    return edit(path, random_norms) if norms else path
+    path = edit(path, random_norms) if norms else path
+    return to_bf16(path) if bf16 else path
 
 
 def shape(model_dir: Path):

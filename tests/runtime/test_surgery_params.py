@@ -54,3 +54,21 @@ def test_shards_and_index(tmp_path):
           methods={}, log=lambda m: None)
     tokens = su.ids()
     assert torch.equal(su.logits(tmp_path / "again", tokens), su.logits(tmp_path / "out", tokens))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral3"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_bf16_checkpoint_prunes_to_bf16_exactly_counted_and_close(tmp_path, family, tied):
+    """A bfloat16 source (as released checkpoints are) is cut in float32 and written back in
+    bfloat16; a rotation without slicing then only adds bf16 rounding (KL to the source ~0)."""
+    src = su.model(tmp_path, family, tied=tied, bf16=True)
+    s = su.shape(src)
+    target = s.replace(layers=3, hidden=48, ffn=80, heads=2, kv_heads=1)
+    report = prune(src, tmp_path / "cut", stats=su.stats(src), target=target, methods=su.ALL_METHODS,
+                   log=lambda m: None)
+    assert report["params"] == param_count(target) == su.text_params(tmp_path / "cut")
+    weights = adapters.load_model(tmp_path / "cut").state_dict()
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    rotated = prune(src, tmp_path / "rotated", stats=su.stats(src), target=s, methods={"hidden": "pca"},
+                    log=lambda m: None)
+    assert rotated["reconstruction"]["kl"] < 1e-3 and rotated["reconstruction"]["top1_agreement"] > 0.95

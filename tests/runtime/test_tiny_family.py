@@ -48,6 +48,7 @@ def test_every_stage_ran_and_the_report_is_where_the_run_says(family):
     folder = root / "ws" / "stages" / "report" / "tiny"
     md = (folder / "report.md").read_text()
     assert "| child | params | distill tokens | held-out loss |" in md and "```mermaid" in md
+    assert "| prune stage | methods | KL to source | calibration loss before → after | top-1 agreement |" in md
     for png in ("loss_curves.png", "family.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -68,6 +69,10 @@ def test_report_structure(family):
     for s in report["stages"]:
         if s["kind"] in ("bootstrap", "distill", "control"):
             assert s["tokens"] == s["planned_tokens"], s["stage"]
+    # each prune measured its output against the checkpoint it was cut from (reconstruction.py)
+    assert [r["stage"] for r in report["pruning"]] == [f"prune/tiny-{c}" for c in "abc"]
+    for r in report["pruning"]:
+        assert r["tokens"] > 0 and r["kl"] > 0 and r["loss"] > r["source_loss"] and 0 < r["top1_agreement"] < 1, r
     assert set(report["curves"]) == {"bootstrap/parent", *(f"control/tiny-{c}" for c in "abc"),
                                       *(f"distill/tiny-{c}/{p}" for c in "abc" for p in ("short", "long"))}
 
