@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .context import StageContext
-from .data import DataPosition, Window, micro_batches, open_stream, per_process
+from .data import DataPosition, Window, micro_batches, open_stream, per_process, tokenizer_fingerprint
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
 from .topk_cache import TopKCache
 
@@ -89,9 +89,14 @@ def mixed_precision(precision: str) -> str:
     return "no"
 
 
-def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=None,
+def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=None, teacher_dir: Path | None = None,
           teacher_logits: Path | None = None) -> dict:
-    """Train ``model`` over the stage's window; save it to ``ctx.out / "model"``; return metrics."""
+    """Train ``model`` over the stage's window; save it to ``ctx.out / "model"``; return metrics.
+
+    The teacher is a model (``teacher``, loaded from ``teacher_dir``) or a top-k logits cache
+    (``teacher_logits``); either way its tokenizer must be the student's, byte for byte, and a
+    cache must have been built on exactly the token ids this stage reads.
+    """
     config = ctx.config
     window = Window.from_config(config)
     spec = LossSpec.from_config(config.get("loss"))
@@ -105,13 +110,19 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
                               project_dir=str(ctx.scratch))
     set_seed(int(config.get("seed", 0)))
     accum = per_process(window.global_batch, accelerator.num_processes, micro) // micro
-    with accelerator.main_process_first():
-        stream = open_stream(ctx.source(), tokenizer, tokenizer_dir, ctx.token_cache(),
-                             window.offset + window.tokens, ctx.log)
-    cache = _teacher_logits(teacher_logits, model, window, spec)
     if teacher is not None:
         _check_vocab(teacher, model)
+        if teacher_dir is not None and Path(teacher_dir).is_dir():
+            _check_tokenizers(f"teacher {teacher_dir}", tokenizer_fingerprint(teacher_dir), tokenizer_dir)
+        else:  # a hub id: its files are resolved by the hub download (not in this runtime yet)
+            ctx.log(f"distill: teacher {teacher_dir} is not a local directory; tokenizers not compared")
         teacher.eval().requires_grad_(False).to(accelerator.device)
+    cache = _teacher_logits(ctx, teacher_logits, model, window, spec, tokenizer_dir)
+    need = window.offset + max(window.tokens, cache.index["sequences"] * window.seq_len if cache else 0)
+    with accelerator.main_process_first():
+        stream = open_stream(ctx.source(), tokenizer, tokenizer_dir, ctx.token_cache(), need, ctx.log)
+    if cache is not None:
+        cache.check_tokens(stream)
 
     # 2. Optimiser, schedule, and what a checkpoint holds besides model and optimiser.
     objective = Objective(model, spec).train()
@@ -140,7 +151,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
             input_ids = input_ids.to(accelerator.device)
             sync = m == accum - 1
             with accelerator.no_sync(objective) if not sync else nullcontext(), accelerator.autocast():
-                extra = _teacher_side(teacher, cache, input_ids, indices, accelerator.device)
+                extra = _teacher_side(teacher, cache, input_ids, indices, spec, accelerator.device)
                 loss = objective(input_ids, next_token_labels(input_ids), **extra)
                 accelerator.backward(loss / accum)
             total += loss.detach() / accum
@@ -201,22 +212,37 @@ def _check_vocab(teacher, student) -> None:
                          "logit distillation needs the same tokenizer")
 
 
-def _teacher_logits(path: Path | None, model, window: Window, spec: LossSpec) -> TopKCache | None:
+def _check_tokenizers(teacher: str, teacher_sha: str, student_dir: Path) -> None:
+    """Logit distillation compares distributions over token ids: the same ids must mean the same
+    strings, so the tokenizer files must be identical, not only the vocabulary size."""
+    student_sha = tokenizer_fingerprint(student_dir)
+    if teacher_sha != student_sha:
+        raise ValueError(
+            f"{teacher} and student {student_dir} have different tokenizers (sha256 of the tokenizer files: "
+            f"{teacher_sha[:12]} and {student_sha[:12]}); logit distillation needs the student to use the "
+            "teacher's tokenizer")
+
+
+def _teacher_logits(ctx: StageContext, path: Path | None, model, window: Window, spec: LossSpec,
+                    tokenizer_dir: Path) -> TopKCache | None:
+    """The top-k cache, checked against this stage (all but the token digest, which needs the stream)."""
     if path is None:
         return None
-    cache = TopKCache(path)
+    builder = next((i.get("stage") for i in ctx.stage.get("inputs", []) if i.get("role") == "teacher_logits"), None)
+    cache = TopKCache(path, stage=builder)
     cache.check(vocab=model.get_output_embeddings().weight.shape[0], seq_len=window.seq_len,
-                offset=window.offset, sequences=window.steps * window.global_batch)
+                offset=window.offset, sequences=window.steps * window.global_batch, temperature=spec.temperature)
     if spec.top_k and spec.top_k != cache.top_k:
         raise ValueError(f"loss.top_k is {spec.top_k} but the cached teacher logits hold top-{cache.top_k}")
+    _check_tokenizers(f"teacher {cache.index['teacher']} (logits cached at {path})", cache.tokenizer, tokenizer_dir)
     return cache
 
 
-def _teacher_side(teacher, cache: TopKCache | None, input_ids, indices, device) -> dict:
+def _teacher_side(teacher, cache: TopKCache | None, input_ids, indices, spec: LossSpec, device) -> dict:
     """Keyword arguments of `Objective.forward` describing the teacher for one micro-batch."""
     if cache is not None:
-        values, ids = cache.read(indices)
-        return {"values": values.to(device), "indices": ids.to(device)}
+        values, ids, rest = cache.read(indices, spec.temperature)
+        return {"values": values.to(device), "indices": ids.to(device), "rest": rest.to(device)}
     if teacher is None:
         return {}
     with torch.no_grad():

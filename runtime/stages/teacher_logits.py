@@ -1,8 +1,11 @@
 """The `teacher-logits` stage: run the teacher once over a data window, keep its top-k logits.
 
-Owns the writing side of `topk_cache.py`'s format. Shards are written to scratch first (one
-per block of sequences, atomically) so a killed run keeps finished blocks, and moved into the
-output when all processes are done. Process r of P takes blocks r, r+P, r+2P, ...
+Owns the writing side of `topk_cache.py`'s format: top-k logits, and the log-sum-exp outside the
+top-k at every temperature the cache's readers distill at (``config.temperatures`` when the plan
+gives them, else the loss temperatures of the plan's stages that read this cache, else 1.0).
+Shards are written to scratch first (one per block of sequences, atomically) so a killed run
+keeps finished blocks, and moved into the output when all processes are done. Process r of P
+takes blocks r, r+P, r+2P, ...
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from ..context import StageContext
-from ..data import Window, open_stream
+from ..data import Window, open_stream, tokenizer_fingerprint
 from ..models import load_model
-from ..topk_cache import INDEX, value_dtype
+from ..topk_cache import FORMAT, INDEX, ids_digest, value_dtype
 from ..train import decoder_hidden, mixed_precision, on_cpu
 
 BLOCK = 64  # sequences per shard
@@ -34,6 +37,7 @@ def run(ctx: StageContext) -> dict:
     if tokens % seq_len:
         raise ValueError(f"tokens {tokens} is not a whole number of {seq_len}-token sequences")
     sequences = tokens // seq_len
+    temperatures = reader_temperatures(ctx)
     window = Window(seq_len=seq_len, global_batch=1, steps=sequences, offset=int(config["data"].get("offset") or 0))
     teacher_dir = ctx.inputs["teacher"]
     bf16 = mixed_precision(config.get("precision", "fp32")) == "bf16"
@@ -52,17 +56,20 @@ def run(ctx: StageContext) -> dict:
         if path.exists():
             continue
         ids = torch.stack([stream.read(*window.sequence(i)) for i in range(b, min(b + BLOCK, sequences))])
-        values, indices = top_k_logits(teacher, ids, k, micro, state.device)
+        values, indices, rest = top_k_logits(teacher, ids, k, micro, state.device, temperatures)
         tmp = path.with_suffix(".tmp")
-        save_file({"values": values.to(dtype).contiguous(), "indices": indices}, str(tmp))
+        save_file({"values": values.to(dtype).contiguous(), "indices": indices, "lse_rest": rest}, str(tmp))
         os.replace(tmp, path)
         ctx.log(f"teacher-logits: sequences {b}..{b + len(ids) - 1} of {sequences}")
 
     state.wait_for_everyone()
     if state.is_main_process:
-        index = {"vocab": teacher.get_output_embeddings().weight.shape[0], "top_k": k, "seq_len": seq_len,
+        index = {"format": FORMAT, "stage": ctx.stage.get("id"),
+                 "vocab": teacher.get_output_embeddings().weight.shape[0], "top_k": k, "seq_len": seq_len,
                  "offset": window.offset, "sequences": sequences, "tokens": tokens, "dtype": str(dtype),
-                 "teacher": str(teacher_dir), "shards": []}
+                 "temperatures": temperatures, "teacher": str(teacher_dir),
+                 "tokenizer_sha256": tokenizer_fingerprint(teacher_dir),
+                 "ids_sha256": ids_digest(stream, window.offset, window.offset + tokens), "shards": []}
         out = Path(ctx.out)
         for b in blocks:
             name = f"shard-{b:09d}.safetensors"
@@ -74,17 +81,35 @@ def run(ctx: StageContext) -> dict:
             "wall_s": round(time.perf_counter() - started, 3)}
 
 
+def reader_temperatures(ctx: StageContext) -> list[float]:
+    """The temperatures the cache must serve (see the module docstring), sorted."""
+    config = ctx.config
+    if config.get("temperatures"):
+        return sorted({float(t) for t in config["temperatures"]})
+    readers = [s for s in (ctx.plan or {}).get("stages", [])
+               if any(i.get("role") == "teacher_logits" and i.get("stage") == ctx.stage.get("id")
+                      for i in s.get("inputs", []))]
+    return sorted({float((s["config"].get("loss") or {}).get("temperature") or 1.0) for s in readers}) or [1.0]
+
+
 @torch.no_grad()
-def top_k_logits(teacher, ids: torch.Tensor, k: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k raw logits and int32 ids, [sequences, seq_len, k], chunked through the LM head."""
+def top_k_logits(teacher, ids: torch.Tensor, k: int, micro: int, device,
+                 temperatures: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k raw logits and int32 ids, [sequences, seq_len, k], chunked through the LM head, and
+    the fp32 log-sum-exp of logits / τ outside the top-k, [sequences, seq_len, len(temperatures)]."""
     head = teacher.get_output_embeddings().weight
-    values, indices = [], []
+    values, indices, rests = [], [], []
     for batch in ids.split(micro):
         hidden = decoder_hidden(teacher, batch.to(device))
         flat = hidden.reshape(-1, hidden.shape[-1])
         for h in flat.split(CHUNK_TOKENS):
-            top = (h @ head.T).float().topk(k, dim=-1)
+            logits = (h @ head.T).float()
+            top = logits.topk(k, dim=-1)
+            off = logits.scatter_(-1, top.indices, float("-inf"))  # in place: the top-k are copied out
+            rests.append(torch.stack([torch.logsumexp(off / t, dim=-1) for t in temperatures], -1).cpu())
             values.append(top.values.cpu())
             indices.append(top.indices.int().cpu())
+            del logits, off
     shape = (ids.shape[0], ids.shape[1], k)
-    return torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape)
+    return (torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape),
+            torch.cat(rests).reshape(*shape[:2], len(temperatures)))

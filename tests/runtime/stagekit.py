@@ -35,3 +35,11 @@ def context(tmp: Path, stage_dict: dict, inputs: dict, corpus: dict, cache: Path
     (tmp / "out").mkdir(parents=True, exist_ok=True)
     return StageContext(stage=stage_dict, inputs=inputs, data={"corpus": corpus}, out=tmp / "out",
                         scratch=tmp / "scratch", cache=cache or tmp / "cache", log=lambda msg: None)
+
+
+def teacher_logits_stage(distill_stage: dict, top_k: int, **config) -> dict:
+    """The teacher-logits stage that serves ``distill_stage``'s window."""
+    cfg = distill_stage["config"]
+    return {"id": "teacher-logits/tiny", "kind": "teacher-logits", "config": {
+        "seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "data": cfg["data"], "top_k": top_k,
+        "micro_batch": cfg["micro_batch"], "precision": "fp32", **config}}

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
-from stagekit import DISTILL, context, stage
+from stagekit import DISTILL, context, stage, teacher_logits_stage
 from tinymodels import save_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cascadec.runtime import executor
 from cascadec.runtime.stages import bootstrap, control, distill, teacher_logits
+from cascadec.runtime import train as train_module
 from cascadec.runtime.train import lr_factor
 
 PY = sys.executable
@@ -49,11 +51,8 @@ def test_distill_trains_and_saves_a_loadable_model(tiny_models, corpus, tmp_path
 def test_cached_teacher_logits_at_full_vocab_equal_online_distillation(tiny_models, corpus, tmp_path):
     st = stage()
     cfg = st["config"]
-    cache_stage = {"id": "teacher-logits/x", "kind": "teacher-logits", "config": {
-        "seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "data": cfg["data"], "top_k": 320,
-        "micro_batch": cfg["micro_batch"], "precision": "fp32"}}
     cached_dir = tmp_path / "logits"
-    teacher_logits.run(context(cached_dir, cache_stage, {"teacher": tiny_models["teacher"]}, corpus))
+    teacher_logits.run(context(cached_dir, teacher_logits_stage(st, 320), {"teacher": tiny_models["teacher"]}, corpus))
     online = context(tmp_path / "online", st, dict(tiny_models), corpus)
     distill.run(online)
     cached_st = stage(loss={**cfg["loss"], "top_k": 320})
@@ -64,6 +63,24 @@ def test_cached_teacher_logits_at_full_vocab_equal_online_distillation(tiny_mode
     a, b = weights(online.out), weights(cached.out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_run_through_the_accelerator_matches_fp32(tiny_models, corpus, tmp_path, monkeypatch):
+    """precision bf16 forced on the CPU (Accelerate autocasts there as on a GPU): the chunked loss
+    runs under autocast and the losses stay within bf16 tolerance of the fp32 run."""
+    st = stage(steps=3)
+    fp32 = context(tmp_path / "fp32", st, dict(tiny_models), corpus)
+    distill.run(fp32)
+    monkeypatch.setattr(train_module, "mixed_precision", lambda precision: "bf16")
+    bf16 = context(tmp_path / "bf16", stage(steps=3, precision="bf16"), dict(tiny_models), corpus)
+    AcceleratorState._reset_state(True)  # the process-wide state holds one precision
+    try:
+        distill.run(bf16)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert losses(bf16.out) == pytest.approx(losses(fp32.out), rel=2e-2)
+    before, after = load_file(str(tiny_models["student"] / "model.safetensors")), weights(bf16.out)
+    assert all(torch.isfinite(v).all() for v in after.values()) and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_teacher_with_another_vocabulary_is_a_clear_error(tiny_models, corpus, tmp_path):
