@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,6 +162,17 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
         if path.exists():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of ``src`` byte for byte (not re-saved: `save_pretrained` rewrites
+    ``tokenizer_config.json``, which would change the fingerprint a teacher is compared by)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def tokenize_file(path: Path, source: dict, tokenizer, fingerprint: str, cache: Path) -> Path:

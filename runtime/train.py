@@ -26,7 +26,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .context import StageContext
-from .data import DataPosition, Window, micro_batches, open_stream, per_process, tokenizer_fingerprint
+from .data import (DataPosition, Window, copy_tokenizer_files, micro_batches, open_stream, per_process,
+                   tokenizer_fingerprint)
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
 from .topk_cache import TopKCache
 
@@ -182,7 +183,8 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(objective).model
         trained.save_pretrained(Path(ctx.out) / "model", safe_serialization=True)
-        tokenizer.save_pretrained(Path(ctx.out) / "model")
+        if not copy_tokenizer_files(tokenizer_dir, Path(ctx.out) / "model"):
+            tokenizer.save_pretrained(Path(ctx.out) / "model")
         shutil.copyfile(metrics_file, Path(ctx.out) / "metrics.jsonl")
     accelerator.wait_for_everyone()
     trained_tokens = (window.steps - start) * window.seq_len * window.global_batch

@@ -26,8 +26,8 @@ def run(ctx: StageContext) -> dict:
     teacher = None if cached else load_model(ctx.inputs["teacher"], dtype=_teacher_dtype(config))
     ctx.log(f"distill: {config.get('phase', '')} student {student_dir}, teacher "
             f"{'cached top-k logits ' + str(cached) if cached else ctx.inputs['teacher']}")
-    metrics = train(ctx, student, tokenizer, student_dir, teacher=teacher, teacher_dir=None if cached else ctx.inputs["teacher"],
-                    teacher_logits=cached)
+    metrics = train(ctx, student, tokenizer, student_dir, teacher=teacher,
+                    teacher_dir=None if cached else ctx.inputs["teacher"], teacher_logits=cached)
     return {**metrics, "teacher": "cached" if cached else "online"}
 
 
