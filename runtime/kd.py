@@ -144,7 +144,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 loss, grad_z = chunk_loss_and_grad(z, labels[rows], spec, *log_p)
                 total += loss
                 scale = _fp16_scale(grad_z) if mm == torch.float16 else 1.0
-                grad_z = grad_z.mul_(scale).to(mm)
+                grad_z = (grad_z.mul_(scale) if scale != 1.0 else grad_z).to(mm)
                 grad_hidden[rows] = (grad_z @ w).to(acc).div_(scale)
                 grad_weight += (grad_z.T @ h).to(acc).div_(scale)
                 del z, log_p, grad_z
