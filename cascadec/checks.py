@@ -10,6 +10,7 @@ import networkx as nx
 
 from . import resolve
 from .diagnostics import Diagnostic, did_you_mean
+from .presets import expand
 from .shapes import param_count
 from .source import Document
 from .spec import FamilySpec, Share
@@ -93,7 +94,10 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     for m_name, raw in doc.data.get("models", {}).items():
         arch = raw.get("arch") if isinstance(raw, dict) else None
         if isinstance(arch, dict):
-            _check_heads(diag, arch, ("models", m_name, "arch"))
+            _check_heads(diag, expand(arch), ("models", m_name, "arch"), written=arch)
+            m = spec.models[m_name]
+            if m.config_arch is not None and m.arch is not None:
+                _check_against_config(diag, m, arch)
 
     # -- prune_from: references and cycles --------------------------------------------------
     owner_graph = nx.DiGraph()
@@ -262,6 +266,19 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     if spec.eval is not None:
         check_data(spec.eval.data, (*spec.eval.at, "data"))
     return out
+
+
+def _check_against_config(diag, m, arch: dict):
+    """An `arch` written beside a local checkpoint must agree with its config.json, axis by axis."""
+    path = f"{m.source['path']}/config.json"
+    for axis, value in m.arch.axes().items():
+        found = getattr(m.config_arch, axis)
+        if value == found:
+            continue
+        at = (*m.at, "arch", axis) if axis in arch else (*m.at, "arch", "preset") if "preset" in arch else (*m.at, "arch")
+        told = f"preset {arch['preset']} gives" if axis not in arch and "preset" in arch else "arch says"
+        diag("CSC240", f"model '{m.name}': {told} {axis} {value}, but {path} says {found}", at,
+             f"the checkpoint decides: remove `arch:` (its config.json is read), or write `{axis}: {found}`")
 
 
 def _check_heads(diag, arch: dict, at: tuple, written=None):

@@ -11,6 +11,7 @@ import hashlib
 from decimal import Decimal
 from fractions import Fraction
 
+from .presets import PRESETS, expand
 from .shapes import Shape, from_hf_config
 from .source import Document, where
 from .spec import (ChildSpec, DataSpec, EvalSpec, FamilySpec, JudgeSpec, ModelSpec, Settings, Share,
@@ -104,12 +105,28 @@ def _training(raw: dict, kind: str, at: tuple, inherited: Settings, assumed: lis
 
 
 def _shape(arch: dict) -> Shape:
+    arch = expand(arch)
     return Shape(
         family=arch["family"], layers=arch["layers"], hidden=arch["hidden"], ffn=arch["ffn"],
         heads=arch["heads"], kv_heads=arch["kv_heads"],
         head_dim=arch.get("head_dim") or arch["hidden"] // arch["heads"],
         vocab=arch["vocab"], tied_embeddings=arch.get("tied_embeddings", False),
     )
+
+
+def _arch_provenance(model: dict, at: tuple) -> dict:
+    """Where a model's shape came from: a preset (and the keys written over it), the spec, or
+    the checkpoint's config.json."""
+    arch = model.get("arch")
+    if arch is None:
+        src = model["source"]
+        return {"shape": f"config:{src['path']}/config.json" if "path" in src else "unknown"}
+    if "preset" not in arch:
+        return {"shape": f"spec:{where((*at, 'arch'))}"}
+    preset = PRESETS[arch["preset"]]
+    prov = {"shape": f"preset:{arch['preset']} ({preset['config']})"}
+    prov.update({f"shape.{k}": f"spec:{where((*at, 'arch', k))}" for k in arch if k != "preset"})
+    return prov
 
 
 def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
@@ -132,15 +149,15 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
     models = {}
     for name, m in raw["models"].items():
         at = ("models", name)
-        arch = _shape(m["arch"]) if "arch" in m else None
-        if arch is None and name in configs:
-            arch = from_hf_config(configs[name])
+        config_arch = from_hf_config(configs[name]) if name in configs else None
+        arch = _shape(m["arch"]) if "arch" in m else config_arch
         boot = m["source"].get("bootstrap")
         bootstrap = None
         if boot is not None:
             bootstrap = _training(boot, "bootstrap", (*at, "source", "bootstrap"), family_settings, assumed)
         models[name] = ModelSpec(name=name, source=m["source"], arch=arch, description=m.get("description"),
-                                 bootstrap=bootstrap, at=at)
+                                 bootstrap=bootstrap, at=at, config_arch=config_arch,
+                                 arch_provenance=_arch_provenance(m, at))
 
     data = {
         name: DataSpec(

@@ -94,7 +94,7 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
     models = {}
     for m in spec.models.values():
         models[m.name] = {"role": "model", "source": m.source, "shape": m.arch.axes(), "params": param_count(m.arch),
-                          "description": m.description}
+                          "description": m.description, "provenance": m.arch_provenance}
     for c in spec.children:
         s = shapes[c.name]
         models[c.name] = {"role": "child", "prune_from": c.prune_from, "shape": s.axes(), "params": param_count(s),

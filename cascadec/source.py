@@ -175,7 +175,7 @@ def model_configs(doc: Document) -> dict[str, dict]:
     """`config.json` of every model whose source is a local path (relative to the spec file).
 
     Missing or unreadable configs are simply absent: `checks` reports a model with neither a
-    readable config nor an inline `arch`.
+    readable config nor an inline `arch`, and cross-checks an inline `arch` against a config.
     """
     import json
     import os
@@ -185,7 +185,7 @@ def model_configs(doc: Document) -> dict[str, dict]:
     models = doc.data.get("models") if isinstance(doc.data, dict) else None
     for name, m in (models if isinstance(models, dict) else {}).items():
         src = m.get("source") if isinstance(m, dict) else None
-        if isinstance(src, dict) and isinstance(src.get("path"), str) and "arch" not in m:
+        if isinstance(src, dict) and isinstance(src.get("path"), str):
             try:
                 with open(os.path.join(base, src["path"], "config.json"), encoding="utf-8") as f:
                     out[name] = json.load(f)

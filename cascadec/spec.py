@@ -39,10 +39,12 @@ class Settings:
 class ModelSpec:
     name: str
     source: dict  # {"hub": id, "revision"?} | {"path": relpath} | {"bootstrap": {...}}
-    arch: Shape | None  # inline, or read from a local config.json
+    arch: Shape | None  # inline (or a preset), else read from a local config.json
     description: str | None
     bootstrap: "Training | None"
     at: tuple
+    config_arch: Shape | None = None  # read from the local config.json, when there is one
+    arch_provenance: dict = field(default_factory=dict)  # "shape"[.axis] -> where it came from
 
 
 @dataclass(frozen=True, kw_only=True)
