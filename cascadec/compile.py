@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import ack, checks, graph, lower, plan, schema, source
+from . import ack, checks, fit, graph, lower, plan, schema, source
 from .diagnostics import CompileError, Diagnostic, errors
 from .shapes import from_hf_config
 
@@ -38,15 +38,21 @@ def compile_doc(doc: source.Document, configs: dict) -> Result:
     if bad:
         raise CompileError(bad)
     spec = lower.lower(doc, configs)  # 3. lower
-    diags, acked = ack.apply(checks.run(spec, doc), doc.text, doc.path)  # 4. checks (less acknowledged warnings)
-    if errors(diags):
-        raise CompileError(diags)
+    diags = checks.run(spec, doc)  # 4. checks
+    if errors(diags):  # acknowledgements of fit warnings (6b, not reached) are not stale
+        raise CompileError([d for d in ack.apply(diags, doc.text, doc.path)[0]
+                            if not (d.code == "CSC008" and any(f"`ack {c}`" in d.message for c in fit.CODES))])
     g = graph.build(spec)  # 5. graph
     cycle = graph.check_acyclic(g)
     if cycle:
         raise CompileError([Diagnostic(code="CSC206", message="stage cycle: " + " -> ".join([*cycle, cycle[0]]),
                                        path=doc.path, help="a checkpoint cannot teach or seed its own ancestors")])
-    return Result(plan=plan.emit(g, spec), graph=g, spec=spec, doc=doc, warnings=diags, acknowledged=acked)  # 6. plan
+    planned = plan.emit(g, spec)  # 6. plan
+    fits = fit.check(planned, g, doc)  # 6b. does every stage fit its devices?
+    diags, acked = ack.apply(diags + fits, doc.text, doc.path)  # acknowledged warnings drop out
+    if errors(diags):
+        raise CompileError(diags)
+    return Result(plan=planned, graph=g, spec=spec, doc=doc, warnings=diags, acknowledged=acked)
 
 
 def compile_file(path: str) -> Result:

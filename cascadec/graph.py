@@ -8,7 +8,9 @@
     child's checkpoints; report/<family> collects every eval.
 
 Each node's `stage` attribute holds id, kind, inputs, outputs, config, launch and provenance;
-`plan` adds hashes and estimates (from the private `_n`, `_n_teacher`, `_tokens` keys). Pure.
+`plan` adds hashes and estimates (from the private keys: `_n`/`_shape` the model a stage runs,
+`_n_teacher`/`_teacher` an online teacher, `_tokens`, `_budget` the device memory in GB and `_at`
+the spec path a fit diagnostic points at). Pure.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int) -> 
         "checkpoint": s.group("checkpoint"),
         "seed": s["seed"],
         "precision": s["resources.precision"],
+        "activation_checkpointing": s["resources.activation_checkpointing"],
     }
+    prov["config.activation_checkpointing"] = s.provenance["resources.activation_checkpointing"]
     return config, prov
 
 
@@ -116,6 +120,11 @@ class Builder:
         cp = self.cps[ref]
         return self.shapes[cp.model or cp.child]
 
+    def budget(self, settings=None) -> float | None:
+        """Device memory (GB) a stage must fit in: `resources.memory_gb`, else the device's."""
+        given = settings["resources.memory_gb"] if settings is not None else None
+        return given if given is not None else self.spec.hardware["memory_gb"]
+
     def window(self, data: str, tokens: int) -> int:
         """Offset of the next window of a streamed source; 0 for a source every stage rereads."""
         if not self.spec.data[data].stream:
@@ -139,7 +148,8 @@ class Builder:
             sid = resolve.stage_id("bootstrap", m.name)
             self.add({"id": sid, "kind": "bootstrap", "inputs": [{"role": "data", "data": t.data}],
                       "outputs": [_path(sid, "model")], "config": config, "launch": launch,
-                      "provenance": {**prov, **lprov}, "_n": param_count(m.arch)})
+                      "provenance": {**prov, **lprov}, "_n": param_count(m.arch),
+                      "_shape": m.arch, "_budget": self.budget(t.settings), "_at": t.at})
 
     def windows(self) -> list[Window]:
         """Every training in plan order, with its steps and stream window."""
@@ -174,7 +184,8 @@ class Builder:
                                  "micro_batch": first.settings["batch.micro"],
                                  "precision": first.settings["resources.precision"],
                                  "users": sorted(w.ref for w in users)},
-                      "launch": launch, "provenance": lprov, "_n": param_count(self.shape_of(teacher))})
+                      "launch": launch, "provenance": lprov, "_n": param_count(self.shape_of(teacher)),
+                      "_shape": self.shape_of(teacher), "_budget": self.budget(first.settings), "_at": first.at})
         return cache_of
 
     def surgery(self, c: ChildSpec) -> None:
@@ -203,7 +214,8 @@ class Builder:
                                  "angular_block": source.layers - target.layers if methods["layers"] == "angular" else None,
                                  "precision": cal["resources.precision"]},
                       "launch": launch, "provenance": {**_prov(cal, ("calibration", "seed")), **lprov},
-                      "_n": param_count(source), "_tokens": samples * seq_len})
+                      "_n": param_count(source), "_tokens": samples * seq_len, "_shape": source,
+                      "_budget": self.budget(cal), "_at": (*c.at, "pruning")})
             inputs.append({"role": "stats", "stage": sid, "path": _path(sid, "stats.safetensors")})
         sid = resolve.stage_id("prune", c.name)
         self.add({"id": sid, "kind": "prune", "inputs": inputs, "outputs": [_path(sid, "model")],
@@ -220,14 +232,15 @@ class Builder:
         start = resolve.lookup(resolve.starts(c)[ref], self.cps, c).ref
         inputs = [self.checkpoint("student" if t.kind in ("distill", "sft") else "policy", start),
                   {"role": "data", "data": t.data}]
-        n_teacher = 0
+        n_teacher, teacher_shape = 0, None
         if t.teacher is not None:
             teacher = resolve.lookup(t.teacher, self.cps, c).ref
             if ref in cache_of:  # the teacher's forward is paid once, by the cache stage
                 inputs.append({"role": "teacher_logits", "stage": cache_of[ref], "path": _path(cache_of[ref], "logits")})
             else:
                 inputs.append(self.checkpoint("teacher", teacher))
-                n_teacher = param_count(self.shape_of(teacher))
+                teacher_shape = self.shape_of(teacher)
+                n_teacher = param_count(teacher_shape)
         if t.kind in ("distill", "sft"):
             config["loss"] = {**t.settings.group("loss"), "teacher": t.teacher is not None}
             prov.update(_prov(t.settings, ("loss",)))
@@ -262,7 +275,8 @@ class Builder:
         sid = self.cps[ref].stage
         self.add({"id": sid, "kind": t.kind, "inputs": inputs, "outputs": [_path(sid, "model")],
                   "config": config, "launch": launch, "provenance": {**prov, **lprov},
-                  "_n": param_count(self.shapes[c.name]), "_n_teacher": n_teacher})
+                  "_n": param_count(self.shapes[c.name]), "_n_teacher": n_teacher, "_shape": self.shapes[c.name],
+                  "_teacher": teacher_shape, "_budget": self.budget(t.settings), "_at": t.at})
 
     def control(self, c: ChildSpec) -> None:
         """control/<child>: the child's shape, random init, next-token loss, the same tokens as
@@ -282,7 +296,8 @@ class Builder:
                   "inputs": [self.checkpoint("template", root.ref), {"role": "data", "data": first.data}],
                   "outputs": [_path(sid, "model")], "config": config, "launch": launch,
                   "provenance": {**prov, **lprov, "config.tokens": "same tokens as the child's distillation phases"},
-                  "_n": param_count(self.shapes[c.name])})
+                  "_n": param_count(self.shapes[c.name]), "_shape": self.shapes[c.name],
+                  "_budget": self.budget(first.settings), "_at": (*c.at, "control")})
 
     def eval(self, owner: str, names: list[str]) -> str:
         sid = resolve.stage_id("eval", owner)
@@ -293,7 +308,8 @@ class Builder:
                   "config": {"data": {"name": ev.data, "offset": 0}, "tokens": ev.tokens, "seq_len": ev.seq_len,
                              "checkpoints": names},
                   "launch": dict(LOCAL), "provenance": {}, "_n": param_count(self.shapes[owner]),
-                  "_tokens": ev.tokens * len(names)})
+                  "_tokens": ev.tokens * len(names), "_shape": self.shapes[owner], "_budget": self.budget(),
+                  "_at": ev.at})
         return sid
 
     def export(self, c: ChildSpec) -> None:

@@ -22,7 +22,8 @@ SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 # Built-in defaults. Each is a cascadec choice, not a number from a paper; the plan says "default".
 DEFAULTS = {
     "resources.devices": 1, "resources.nodes": 1, "resources.launcher": "local",
-    "resources.strategy": "none", "resources.precision": "fp32", "resources.memory_gb": 80,
+    "resources.strategy": "none", "resources.precision": "fp32", "resources.memory_gb": None,  # None: hardware.device's
+    "resources.activation_checkpointing": False,
     "optimizer.name": "adamw", "optimizer.lr": 1e-4, "optimizer.min_lr": 1e-5,
     "optimizer.betas": [0.9, 0.95], "optimizer.eps": 1e-8, "optimizer.weight_decay": 0.1,
     "optimizer.grad_clip": 1.0,
@@ -38,6 +39,7 @@ DEFAULTS = {
     "calibration.batch_size": 8,
 }
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "b200": 2250.0, "mi300x": 1307.0, "cpu": 1.0}
+DEVICE_MEMORY_GB = {"h100": 80, "h200": 141, "a100": 80, "b200": 180, "mi300x": 192, "cpu": None}
 HARDWARE_DEFAULTS = {"device": "h100", "peak_tflops": None, "mfu": 0.4}
 SETTING_GROUPS = ("resources", "optimizer", "schedule", "loss", "batch", "checkpoint", "generation", "calibration")
 
@@ -144,6 +146,8 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
     if hw_values["peak_tflops"] is None:
         hw_values["peak_tflops"] = PEAK_TFLOPS[hw_values["device"]]
         hw_prov["peak_tflops"] = f"default: dense bf16 peak of {hw_values['device']}"
+    hw_values["memory_gb"] = DEVICE_MEMORY_GB[hw_values["device"]]  # the fit check's default budget
+    hw_prov["memory_gb"] = f"default: memory of one {hw_values['device']}"
     hardware = Settings(values=hw_values, provenance=hw_prov)
 
     models = {}

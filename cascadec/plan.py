@@ -12,13 +12,11 @@ import json
 
 import networkx as nx
 
-from . import __version__, resolve
+from . import __version__, estimate, resolve
 from .shapes import param_count
 from .spec import FamilySpec
 
 PLAN_VERSION = 1
-BYTES_TRAIN = 16  # bf16 weights + fp32 master, grads and two Adam moments, per parameter
-BYTES_INFER = 2  # bf16 weights
 
 
 def canonical(obj) -> str:
@@ -31,36 +29,36 @@ def _sha(obj) -> str:
 
 
 def _estimate(stage: dict, hardware) -> dict:
-    """Tokens, steps, FLOPs (6·N·D student + 2·N_teacher·D), memory per device, device-hours."""
-    kind, cfg = stage["kind"], stage["config"]
-    n = stage.get("_n", 0)
-    n_teacher = stage.get("_n_teacher", 0)
+    """Tokens, steps, FLOPs (with attention), memory per device with its breakdown, device-hours.
+
+    The formulas are `estimate.py`'s, written out in docs/plan.md ("Estimates").
+    """
+    kind, cfg, launch = stage["kind"], stage["config"], stage["launch"]
+    n, shape = stage.get("_n", 0), stage.get("_shape")
+    n_teacher, teacher = stage.get("_n_teacher", 0), stage.get("_teacher")
     if kind in ("odpo", "grpo"):
         tokens = cfg["prompts"] * cfg["generation"]["samples"] * cfg["seq_len"]
     else:
         tokens = stage.get("_tokens", cfg.get("tokens", 0))
-    if kind in ("calibrate", "teacher-logits", "eval"):
-        flops = 2 * n * tokens
-    elif kind in ("odpo", "grpo"):
-        # generate (2ND) + policy update (6ND) + reference or old-policy forward (2ND), upper bound
-        flops = 10 * n * tokens + 2 * n_teacher * tokens
-    elif kind == "dpo":
-        flops = 8 * n * tokens
-    else:
-        flops = 6 * n * tokens + 2 * n_teacher * tokens
-    devices = stage["launch"]["devices"]
-    sharded = stage["launch"]["strategy"] in ("fsdp", "deepspeed")
-    training = kind in ("bootstrap", "control", "distill", "sft", "dpo", "odpo", "grpo")
-    weights = BYTES_TRAIN * n if training else BYTES_INFER * n
-    weights += BYTES_INFER * n_teacher
-    memory = weights / devices if sharded else weights
-    peak, mfu = hardware["peak_tflops"] * 1e12, hardware["mfu"]
+    seq_len = cfg.get("seq_len", 0)
+    total, attention = estimate.flops(kind, n=n, shape=shape, tokens=tokens, seq_len=seq_len,
+                                      n_teacher=n_teacher, teacher=teacher)
+    micro = {"calibrate": cfg.get("batch_size"), "eval": estimate.EVAL_BATCH}.get(kind, cfg.get("micro_batch"))
+    parts = estimate.memory(kind, shape=shape, n=n, micro_batch=micro or 1, seq_len=seq_len,
+                            devices=launch["devices"], strategy=launch["strategy"],
+                            precision=cfg.get("precision", "fp32"),  # eval loads fp32 weights
+                            checkpointing=bool(cfg.get("activation_checkpointing")),
+                            chunk_tokens=(cfg.get("loss") or {}).get("chunk_tokens") or 1024,
+                            teacher=teacher, n_teacher=n_teacher)
     return {
         "tokens": tokens,
         "steps": cfg.get("steps", 0),
-        "flops": flops,
-        "memory_gb": round(memory / 1e9, 4),
-        "device_hours": round(flops / (peak * mfu) / 3600, 4),
+        "flops": total,
+        "attention_flops": attention,
+        "memory_gb": round(sum(parts.values()) / 1e9, 4),
+        "memory": {k: round(v / 1e9, 4) for k, v in parts.items()},
+        "device_memory_gb": stage.get("_budget"),
+        "device_hours": round(estimate.device_hours(total, hardware["peak_tflops"], hardware["mfu"]), 4),
     }
 
 

@@ -126,6 +126,8 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         cache.check_tokens(stream)
 
     # 2. Optimiser, schedule, and what a checkpoint holds besides model and optimiser.
+    if config.get("activation_checkpointing"):  # recompute each layer in backward (docs/plan.md, Estimates)
+        model.activation_checkpointing_enable()
     objective = Objective(model, spec).train()
     optimizer, scheduler = _optimizer(model, opt_cfg, sched_cfg, window.steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)

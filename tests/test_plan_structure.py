@@ -12,6 +12,7 @@ from compilerkit import REPO, SPECS, plan_json, spec_id
 
 PUBLISHED = {"mistral-small-3.1": 23_572_403_200, "ministral-3-14b": 13_506_073_600,
              "ministral-3-8b": 8_489_553_920, "ministral-3-3b": 3_429_006_336}
+LAYERS = {"ministral-3-14b": 40, "ministral-3-8b": 34, "ministral-3-3b": 26}
 TRAINING = ("bootstrap", "control", "distill", "sft", "dpo")
 
 
@@ -119,23 +120,30 @@ def test_one_teacher_logits_cache_serves_the_three_instruct_sfts(m3):
         # the same window of the same data (the student may visit it in another order)
         assert {k: sft["config"]["data"][k] for k in ("name", "offset")} == cache["config"]["data"]
         assert sft["config"]["loss"]["teacher"] is True
-        # the student pays only its own 6·N·D; the teacher's forward is paid once, by the cache
-        n, d = PUBLISHED[user.split("/")[0]], sft["estimate"]["tokens"]
-        assert sft["estimate"]["flops"] == 6 * n * d
+        # the student pays only its own 3 passes of (2·N + attention); the teacher's forward is
+        # paid once, by the cache
+        n, d, s = PUBLISHED[user.split("/")[0]], sft["estimate"]["tokens"], sft["config"]["seq_len"]
+        attention = 6 * LAYERS[user.split("/")[0]] * 32 * 128 * (s + 1) * d
+        assert (sft["estimate"]["flops"], sft["estimate"]["attention_flops"]) == (6 * n * d + attention, attention)
     n_teacher = 88 * (12288 * 96 * 128 * 2 + 2 * 12288 * 8 * 128 + 3 * 12288 * 28672 + 2 * 12288) \
         + 2 * 131072 * 12288 + 12288  # Mistral Medium 3 as the spec writes it
-    assert cache["estimate"]["flops"] == 2 * n_teacher * cache["config"]["tokens"]
+    d, s = cache["config"]["tokens"], cache["config"]["seq_len"]
+    assert cache["estimate"]["flops"] == 2 * n_teacher * d + 2 * 88 * 96 * 128 * (s + 1) * d
 
 
-def test_distill_flops_are_6nd_plus_2_teacher_nd(m3):
+def test_distill_flops_are_6nd_plus_2_teacher_nd_plus_causal_attention(m3):
     for size in ("14b", "8b", "3b"):
         for phase in ("short", "long"):
             s = m3[f"distill/ministral-3-{size}/{phase}"]
             c = s["config"]
             d = c["steps"] * c["seq_len"] * c["global_batch"]
             n, n_teacher = PUBLISHED[f"ministral-3-{size}"], PUBLISHED["mistral-small-3.1"]
+            # causal attention, forward, per token: 2·layers·(heads·head_dim)·(seq_len + 1); the
+            # student trains (3 forward passes' worth), the 40-layer teacher runs one forward
+            attention = (3 * 2 * LAYERS[f"ministral-3-{size}"] + 2 * 40) * 32 * 128 * (c["seq_len"] + 1) * d
             assert s["estimate"]["tokens"] == d
-            assert s["estimate"]["flops"] == 6 * n * d + 2 * n_teacher * d
+            assert s["estimate"]["flops"] == 6 * n * d + 2 * n_teacher * d + attention
+            assert s["estimate"]["attention_flops"] == attention
 
 
 def test_device_hours_follow_from_flops(plans):

@@ -76,6 +76,8 @@ def test_schema_offers_exactly_the_presets():
 SPEC = """\
 cascadec: 1
 family: f
+defaults:
+  resources: {devices: 8, strategy: fsdp, precision: bf16, activation_checkpointing: true}
 models:
   parent:
     source: {SOURCE}
@@ -125,7 +127,7 @@ def test_a_typed_arch_is_recorded_as_written(tmp_path):
 def test_an_unknown_preset_is_a_located_error_with_a_suggestion(tmp_path):
     run = compile_spec(tmp_path, "{preset: qwen3-8B}")
     assert run.code != 0
-    assert "f.yaml:6:20: error[CSC104]: models.parent.arch.preset is 'qwen3-8B', which is not one of:" in run.err
+    assert "f.yaml:8:20: error[CSC104]: models.parent.arch.preset is 'qwen3-8B', which is not one of:" in run.err
     assert "did you mean 'qwen3-8b'?" in run.err
 
 
@@ -158,7 +160,7 @@ def test_an_arch_that_agrees_with_the_local_config_passes(tmp_path):
 def test_an_arch_that_disagrees_with_the_local_config_is_a_located_error(tmp_path):
     run = compile_spec(tmp_path, "{preset: qwen3-8b, hidden: 5120}", local_checkpoint(tmp_path), fmt="text")
     assert run.code != 0
-    assert ("f.yaml:6:38: error[CSC240]: model 'parent': arch says hidden 5120, but qwen3-8b/config.json says 4096"
+    assert ("f.yaml:8:38: error[CSC240]: model 'parent': arch says hidden 5120, but qwen3-8b/config.json says 4096"
             in run.err)
     assert "= help: the checkpoint decides: remove `arch:` (its config.json is read), or write `hidden: 4096`" in run.err
 
@@ -166,6 +168,6 @@ def test_an_arch_that_disagrees_with_the_local_config_is_a_located_error(tmp_pat
 def test_a_preset_that_disagrees_with_the_local_config_points_at_the_preset(tmp_path):
     run = compile_spec(tmp_path, "{preset: qwen3-4b}", local_checkpoint(tmp_path), fmt="text")
     assert run.code != 0
-    assert "f.yaml:6:20: error[CSC240]: model 'parent': preset qwen3-4b gives layers 36, but" not in run.err
-    assert "f.yaml:6:20: error[CSC240]: model 'parent': preset qwen3-4b gives hidden 2560, but qwen3-8b/config.json says 4096" in run.err
+    assert "f.yaml:8:20: error[CSC240]: model 'parent': preset qwen3-4b gives layers 36, but" not in run.err
+    assert "f.yaml:8:20: error[CSC240]: model 'parent': preset qwen3-4b gives hidden 2560, but qwen3-8b/config.json says 4096" in run.err
     assert "preset qwen3-4b gives tied_embeddings True" in run.err

@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from stagekit import DISTILL, context, stage, teacher_logits_stage
 from tinymodels import save_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, modeling_utils
 
 from cascadec.runtime import executor
 from cascadec.runtime.stages import bootstrap, control, distill, teacher_logits
@@ -84,6 +84,21 @@ def test_a_bf16_run_through_the_accelerator_matches_fp32(tiny_models, corpus, tm
     before, after = load_file(str(tiny_models["student"] / "model.safetensors")), weights(bf16.out)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_activation_checkpointing_recomputes_layers_and_changes_no_number(tiny_models, corpus, tmp_path, monkeypatch):
+    plain = context(tmp_path / "plain", stage(), dict(tiny_models), corpus)
+    distill.run(plain)
+    recomputed = []
+    original = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k))
+    checkpointed = context(tmp_path / "ckpt", stage(activation_checkpointing=True), dict(tiny_models), corpus)
+    distill.run(checkpointed)
+    assert recomputed  # the decoder layers went through torch.utils.checkpoint
+    assert losses(plain.out) == pytest.approx(losses(checkpointed.out), rel=1e-6)
+    a, b = weights(plain.out), weights(checkpointed.out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
 def test_teacher_with_another_vocabulary_is_a_clear_error(tiny_models, corpus, tmp_path):
