@@ -12,7 +12,7 @@ Rows include the previous tied-head rule (``pca, diagonal gain``: the basis of t
 and the diagonal of Qᵀ·diag(g)·Q as the final norm) and, for reference, the same checkpoint
 untied first (bigger: the head is a second matrix). Output: a markdown table (docs/pruning.md).
 
-Run: .venv/bin/python benchmarks/prune_quality.py [WORKDIR] [--steps N]
+Run: .venv/bin/python benchmarks/prune_quality.py [WORKDIR] [--steps N] [--batch N]
 """
 
 from __future__ import annotations
@@ -71,14 +71,15 @@ def held_out(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str]) -> int:
     args = argparse.ArgumentParser()
     args.add_argument("work", nargs="?", type=Path)
-    args.add_argument("--steps", type=int, default=1500)
+    args.add_argument("--steps", type=int, default=500)
+    args.add_argument("--batch", type=int, default=8)
     args = args.parse_args(argv)
     torch.set_num_threads(2)
     work = args.work or Path(tempfile.mkdtemp(prefix="prune-quality-"))
     t = time.perf_counter()
     src = work / "model"
     if not (src / "config.json").exists():
-        tinymodels.trained_model(src, "llama", tied=True, steps=args.steps, batch=16, seq_len=128, lr=3e-3,
+        tinymodels.trained_model(src, "llama", tied=True, steps=args.steps, batch=args.batch, seq_len=128, lr=3e-3,
                                  train_chars=2_000_000, **SHAPE)
     print(f"trained in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     final = load_file(src / "model.safetensors")["model.norm.weight"]
