@@ -11,13 +11,13 @@ import hashlib
 from decimal import Decimal
 from fractions import Fraction
 
+from . import counts
 from .presets import PRESETS, expand
+from .schema import family_schema
 from .shapes import Shape, from_hf_config
 from .source import Document, where
 from .spec import (ChildSpec, DataSpec, EvalSpec, FamilySpec, JudgeSpec, ModelSpec, Settings, Share,
                    ShapeRequest, Training)
-
-SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 # Built-in defaults. Each is a cascadec choice, not a number from a paper; the plan says "default".
 DEFAULTS = {
@@ -45,11 +45,9 @@ SETTING_GROUPS = ("resources", "optimizer", "schedule", "loss", "batch", "checkp
 
 
 def quantity(v) -> int:
-    """`3T` -> 3_000_000_000_000, exactly (decimal arithmetic, never float)."""
-    if isinstance(v, int):
-        return v
-    n = Decimal(v[:-1]) * SUFFIX[v[-1]]
-    return int(n)
+    """`3T` -> 3_000_000_000_000, exactly (decimal arithmetic, never float). Schema-valid input
+    only: `counts` has already turned `3e12` into an int and refused `1.2345K`."""
+    return v if isinstance(v, int) else int(counts.suffixed(v))
 
 
 def tokens(v) -> int | Share:
@@ -133,7 +131,7 @@ def _arch_provenance(model: dict, at: tuple) -> dict:
 
 def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
     """Lower a schema-valid document. ``configs``: model name -> its local config.json mapping."""
-    raw = doc.data
+    raw = counts.whole(doc, family_schema())  # `tokens: 3e12` -> 3_000_000_000_000
     configs = configs or {}
     assumed: list = []
     base = Settings(values=dict(DEFAULTS), provenance={k: "default" for k in DEFAULTS})

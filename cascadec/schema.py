@@ -10,6 +10,7 @@ import json
 from functools import cache
 from importlib import resources
 
+from . import counts
 from .diagnostics import Diagnostic, did_you_mean
 from .source import Document, where
 
@@ -68,7 +69,10 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
         # `tokens: 3 trillion` fails every branch at its own path; say what a count or a budget is
         alts = _alternatives(error)
         patterns = " ".join(e.schema["pattern"] for e in alts if e.validator == "pattern")
-        if patterns and "%" in patterns:
+        numeric = [e for e in alts if e.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")]
+        if isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool) and numeric:
+            error = numeric[0]  # `tokens: -3e12`: the number is out of range, not "not a budget"
+        elif patterns and "%" in patterns:
             error = next(e for e in alts if e.validator == "pattern" and "%" in e.schema["pattern"])
         elif patterns:
             error = next(e for e in alts if e.validator == "pattern")
@@ -132,7 +136,8 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
     elif kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         code = "CSC104"
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
-        message = f"{where} is {value}; it must be {op} {schema[kind]}"
+        message = f"{where} is {counts.written(doc, path) or value}; it must be {op} {schema[kind]}"
+        help = f"write a number {op} {schema[kind]}"
     elif kind in ("minItems", "minProperties"):
         code = "CSC104"
         message = f"{where} is empty; it needs at least {schema[kind]} entr{'y' if schema[kind] == 1 else 'ies'}"
@@ -154,11 +159,17 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
 
 
 def validate(doc: Document) -> list[Diagnostic]:
-    """All schema diagnostics of the document, one per distinct error location and kind."""
+    """All schema diagnostics of the document, one per distinct error location and kind.
+
+    Numbers that should be whole counts and are not (2.5, 1e400, `1.2345K`) get CSC106 from
+    `counts`, and no second, vaguer diagnostic at the same place."""
+    out = counts.diagnostics(doc, family_schema())
+    counted = {d.span for d in out}
     seen = set()
-    out = []
-    for error in _validator().iter_errors(doc.data):
+    for error in _validator().iter_errors(counts.whole(doc, family_schema())):
         d = _diagnostic(doc, error)
+        if d.span in counted:
+            continue
         if (d.span, d.message) not in seen:
             seen.add((d.span, d.message))
             out.append(d)
