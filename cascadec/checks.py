@@ -12,7 +12,7 @@ from . import resolve
 from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
 from .shapes import param_count
-from .source import Document
+from .source import Document, where
 from .spec import FamilySpec, Share
 
 RESERVED = {"pruned", "control"}
@@ -35,6 +35,10 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
              (hint + " " if hint else "") + f"known: {', '.join(sorted(choices)) or 'none'}")
 
     # -- names ------------------------------------------------------------------------------
+    # A name given twice is the root cause of every later confusion about it (a false cycle, a
+    # false shape change): the rules below skip children whose name is not unique.
+    names_used = [*spec.models, *(c.name for c in spec.children)]
+    dupes = {n for n in names_used if names_used.count(n) > 1}
     seen = dict.fromkeys(spec.models, "a model")
     for c in spec.children:
         if c.name in seen:
@@ -106,6 +110,8 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         if src is None:
             unknown("CSC201", "checkpoint", c.prune_from, (*c.at, "prune_from"))
             continue
+        if c.name in dupes or (src.child or src.model) in dupes:
+            continue
         # a model is a root: a child that shares its name (CSC205 above) must not look like a cycle
         owner_graph.add_edge(("model", src.model) if src.model else src.child, c.name)
         if src.model is None and src.ref.count("/") == 2:
@@ -121,7 +127,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
              "a child must be cut from a model or from an earlier child")
 
     # -- shapes -----------------------------------------------------------------------------
-    shapes = resolve.shapes(spec, cps)
+    shapes = {k: v for k, v in resolve.shapes(spec, cps).items() if k not in dupes}
     for c in spec.children:
         src = resolve.lookup(c.prune_from, cps)
         source = shapes.get(src.model or src.child) if src else None
@@ -248,9 +254,17 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
         g, micro, devices = (t.settings[k] for k in ("batch.global", "batch.micro", "resources.devices"))
         if g % (micro * devices):
+            keys = ("batch.global", "batch.micro", "resources.devices")
+            set_at = {k: t.settings.at[k] for k in keys if k in t.settings.at}
+            # point at the value set closest to this training (the likeliest edit); name the others
+            nearest = max(set_at, key=lambda k: (len(set_at[k]), -keys.index(k)), default=None)
             diag("CSC223", f"{what}: global batch {g} is not a multiple of micro batch {micro} x {devices} devices",
-                 t.at, f"set `batch.global` to a multiple of {micro * devices}, or change `batch.micro` or "
-                       "`resources.devices`")
+                 set_at[nearest] if nearest else t.at,
+                 f"set `batch.global` to a multiple of {micro * devices}, or change `batch.micro` or "
+                 "`resources.devices`",
+                 notes=[f"{k} = {t.settings[k]} " + (f"is set at {where(set_at[k])} (line {doc.span(set_at[k]).line})"
+                                                     if k in set_at else "is the default")
+                        for k in keys if k != nearest])
 
     # -- streamed data fits ------------------------------------------------------------------
     used: dict = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import ack, checks, fit, graph, lower, plan, schema, source
+from . import ack, checks, fit, graph, lower, plan, resolve, schema, source
 from .diagnostics import CompileError, Diagnostic, errors
 from .shapes import from_hf_config
 
@@ -45,8 +45,10 @@ def compile_doc(doc: source.Document, configs: dict) -> Result:
     g = graph.build(spec)  # 5. graph
     cycle = graph.check_acyclic(g)
     if cycle:
+        at = resolve.cycle_at(spec, cycle)
         raise CompileError([Diagnostic(code="CSC206", message="stage cycle: " + " -> ".join([*cycle, cycle[0]]),
-                                       path=doc.path, help="a checkpoint cannot teach or seed its own ancestors")])
+                                       path=doc.path, span=doc.span(at) if at else None,
+                                       help="a checkpoint cannot teach or seed its own ancestors")])
     planned = plan.emit(g, spec)  # 6. plan
     fits = fit.check(planned, g, doc)  # 6b. does every stage fit its devices?
     diags, acked = ack.apply(diags + fits, doc.text, doc.path)  # acknowledged warnings drop out

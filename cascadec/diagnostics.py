@@ -41,10 +41,16 @@ def errors(diags: list[Diagnostic]) -> list[Diagnostic]:
     return [d for d in diags if d.severity == "error"]
 
 
+def closest(name: str, choices) -> str | None:
+    """The choice ``name`` most likely misspells, or None when nothing is close."""
+    close = difflib.get_close_matches(str(name), sorted(map(str, choices)), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(name: str, choices) -> str | None:
     """A `did you mean 'x'?` suffix, or None when nothing is close."""
-    close = difflib.get_close_matches(str(name), sorted(map(str, choices)), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
+    close = closest(name, choices)
+    return f"did you mean '{close}'?" if close else None
 
 
 def render(d: Diagnostic, text: str | None = None) -> str:

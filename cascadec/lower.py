@@ -64,21 +64,23 @@ def _unwrap(value, path: tuple, assumed: list):
     return value, f"spec:{where(path)}"
 
 
-def _flatten(block: dict | None, at: tuple, assumed: list, into: dict, prov: dict):
+def _flatten(block: dict | None, at: tuple, assumed: list, into: dict, prov: dict, origin: dict):
     """Merge a settings block (`optimizer: {lr: ...}`, `seed: 3`) into flat dicts."""
     for group, value in (block or {}).items():
         if group in SETTING_GROUPS and isinstance(value, dict):
             for key, v in value.items():
                 into[f"{group}.{key}"], prov[f"{group}.{key}"] = _unwrap(v, (*at, group, key), assumed)
+                origin[f"{group}.{key}"] = (*at, group, key)
         elif group == "seed":
             into["seed"], prov["seed"] = _unwrap(value, (*at, "seed"), assumed)
+            origin["seed"] = (*at, "seed")
 
 
 def _inherit(parent: Settings, block: dict | None, at: tuple, assumed: list) -> Settings:
-    values = dict(parent.values)
+    values, origin = dict(parent.values), dict(parent.at)
     prov = {k: (p if p == "default" else p.replace("spec:", "inherited:", 1)) for k, p in parent.provenance.items()}
-    _flatten(block, at, assumed, values, prov)
-    return Settings(values=values, provenance=prov)
+    _flatten(block, at, assumed, values, prov, origin)
+    return Settings(values=values, provenance=prov, at=origin)
 
 
 def _training(raw: dict, kind: str, at: tuple, inherited: Settings, assumed: list) -> Training:

@@ -143,3 +143,26 @@ def trainings(spec: FamilySpec):
         for vname, steps_ in c.variants:
             for s in steps_:
                 yield c, vname, s, f"{c.name}/{vname}/{s.name}"
+
+
+def cycle_at(spec: FamilySpec, cycle: list[str]) -> tuple | None:
+    """The document path of the reference that closes a stage cycle: a `teacher` first (the usual
+    mistake: a checkpoint teaching its own ancestor), else a `from`, else a `prune_from`."""
+    cps = checkpoints(spec)
+    edges = set(zip(cycle, [*cycle[1:], cycle[0]]))
+    found = {}
+    for c, _, t, ref in trainings(spec):
+        stage = cps[ref].stage
+        into = {u for u, v in edges if v == stage}
+        if not into:
+            continue
+        teacher = lookup(t.teacher, cps, c)
+        if teacher is not None and (teacher.stage in into or any(u.startswith("teacher-logits/") for u in into)):
+            found.setdefault("teacher", (*t.at, "teacher"))
+        start = lookup(starts(c)[ref], cps, c)
+        if start is not None and start.stage in into:
+            found.setdefault("from", (*t.at, "from") if t.start else t.at)
+    for c in spec.children:
+        if any(v in (stage_id("calibrate", c.name), stage_id("prune", c.name)) for _, v in edges):
+            found.setdefault("prune_from", (*c.at, "prune_from"))
+    return next((found[k] for k in ("teacher", "from", "prune_from") if k in found), None)

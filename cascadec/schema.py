@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 
 from . import counts
-from .diagnostics import Diagnostic, did_you_mean
+from .diagnostics import Diagnostic, closest, did_you_mean
 from .source import Document, where
 
 TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
@@ -158,6 +158,13 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
     return Diagnostic(code=code, message=message, path=doc.path, span=span, help=help)
 
 
+def _typo_of(error) -> str | None:
+    """The allowed key that the first unknown key of an additionalProperties error misspells."""
+    allowed = sorted(error.schema.get("properties", {}))
+    extra = sorted(set(error.instance) - set(allowed))
+    return closest(extra[0], allowed) if extra else None
+
+
 def validate(doc: Document) -> list[Diagnostic]:
     """All schema diagnostics of the document, one per distinct error location and kind.
 
@@ -166,7 +173,12 @@ def validate(doc: Document) -> list[Diagnostic]:
     out = counts.diagnostics(doc, family_schema())
     counted = {d.span for d in out}
     seen = set()
-    for error in _validator().iter_errors(counts.whole(doc, family_schema())):
+    errors = list(_validator().iter_errors(counts.whole(doc, family_schema())))
+    typos = {(tuple(e.absolute_path), _typo_of(e)) for e in errors if e.validator == "additionalProperties"}
+    for error in errors:
+        if error.validator == "required" and any(
+                (tuple(error.absolute_path), k) in typos for k in error.validator_value if k not in error.instance):
+            continue  # `seqlen:` is reported as a typo of `seq_len`, not also as a missing `seq_len`
         d = _diagnostic(doc, error)
         if d.span in counted:
             continue

@@ -25,6 +25,7 @@ class Settings:
 
     values: dict
     provenance: dict  # same keys -> "spec:<path>" | "default" | "inherited:<path>" | "assumed:<path>: <why>"
+    at: dict = field(default_factory=dict)  # keys set in the spec -> the document path that set them
 
     def __getitem__(self, key: str):
         return self.values[key]
