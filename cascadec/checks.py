@@ -6,12 +6,14 @@ budgets. Each rule has a stable code; each message points at what the user wrote
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
 from . import resolve
 from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
-from .shapes import param_count
+from .shapes import config_errors, param_count, reachable
 from .source import Document, where
 from .spec import FamilySpec, Share
 
@@ -146,24 +148,26 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             if target is None:
                 diag("CSC213", f"no shape of '{c.name}' within {c.shape.tolerance:.0%} of "
                      f"{c.shape.params:,} parameters (source has {param_count(source):,})", (*at, "params"),
-                     f"allow more axes (`solve.axes`), raise `solve.tolerance`, or pick a target between "
-                     f"{param_count(source.replace(layers=1, hidden=256 if source.hidden >= 256 else source.hidden, ffn=256 if source.ffn >= 256 else source.ffn)):,} and {param_count(source):,}")
+                     _reachable_help(c, source))
             elif c.shape.params > param_count(source):
                 diag("CSC207", f"child '{c.name}' targets {c.shape.params:,} parameters, more than its source's {param_count(source):,}",
                      (*at, "params"), "a child must be smaller than what it is cut from")
         if target is None:
             continue
+        for problem, fix in config_errors(target):
+            key = next((k for k in ("hidden", "heads") if k in c.shape.explicit), "params" if c.shape.params else None)
+            diag("CSC230", f"child '{c.name}': {problem}", (*at, key) if key else at, fix)
         attention = ("heads", "kv_heads", "hidden", "head_dim")
         if any(getattr(target, a) != getattr(source, a) for a in attention):
             _check_heads(diag, {a: getattr(target, a) for a in attention}, at, written=c.shape.explicit)
-        if (target.heads, target.kv_heads) != (source.heads, source.kv_heads):
-            method = c.methods.get("heads", "none")
-            if method == "none":
-                diag("CSC219", f"child '{c.name}' changes attention heads but `pruning.heads` is none", at,
-                     "set `pruning: {heads: query}` (query heads within groups) or `kv_groups`")
-            elif method == "query" and target.kv_heads != source.kv_heads:
-                diag("CSC219", f"child '{c.name}' changes kv_heads, which `pruning.heads: query` keeps", at,
-                     "use `pruning: {heads: kv_groups}` to drop whole KV groups")
+        method = resolve.methods(c, source, target)[0]["heads"]
+        if method == "none":
+            diag("CSC219", f"child '{c.name}' changes attention heads but `pruning.heads` is none", (*c.at, "pruning", "heads"),
+                 "remove `heads: none` (the default prunes query heads within groups, or whole KV groups when "
+                 "kv_heads shrink), or keep the source's heads")
+        elif method == "query" and target.kv_heads != source.kv_heads:
+            diag("CSC219", f"child '{c.name}' changes kv_heads, which `pruning.heads: query` keeps", (*c.at, "pruning", "heads"),
+                 "use `pruning: {heads: kv_groups}` to drop whole KV groups")
         shrinks = [a for a in ("layers", "hidden", "ffn") if getattr(target, a) < getattr(source, a)]
         if shrinks and c.calibration["calibration.data"] is None:
             diag("CSC219", f"child '{c.name}' is pruned ({', '.join(shrinks)}) but no calibration data is named",
@@ -310,3 +314,23 @@ def _check_heads(diag, arch: dict, at: tuple, written=None):
     if head_dim is not None and head_dim % 2:
         diag("CSC209", f"head_dim {head_dim} is odd; rotary embeddings need an even head_dim",
              (*at, "head_dim"), "use an even head_dim")
+
+
+def _reachable_help(c, source) -> str:
+    """The help of CSC213: the parameter counts the allowed axes really reach (loadable shapes
+    only), and the nearest ones to the target."""
+    req = c.shape
+    lo, hi, below, above = reachable(source, req.params, fixed=req.explicit, axes=req.solve_axes,
+                                     multiple_of=req.multiple_of)
+    axes = ", ".join(req.solve_axes) or "no axis (every axis is given)"
+    if lo is None:
+        return f"no loadable shape varies {axes}; allow more axes (`solve.axes`)"
+    if req.params < lo:
+        return (f"the smallest shape over {axes} has {lo:,} parameters: target at least "
+                f"{math.ceil(lo / (1 + req.tolerance)):,}, or allow more axes (`solve.axes`)")
+    if req.params > hi:
+        return f"the largest shape over {axes} has {hi:,} parameters: target at most {math.floor(hi / (1 - req.tolerance)):,}"
+    needed = min(abs(n - req.params) for n in (below, above) if n is not None) / req.params
+    return (f"shapes over {axes} have {lo:,} to {hi:,} parameters, but none near the target: the nearest have "
+            f"{below:,} and {above:,}; target one of them, raise `solve.tolerance` to {math.ceil(needed * 1000) / 1000:g}, "
+            "or allow more axes (`solve.axes`)")

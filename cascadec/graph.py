@@ -31,7 +31,6 @@ LOCAL = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "none"}
 SCORES = {"norm_ratio": "norm_ratio", "block_influence": "block_influence", "angular": "angular",
           "pca": "hidden_pca", "channel": "hidden_channel", "activation": "ffn_activation",
           "query": "heads", "kv_groups": "heads"}
-DEFAULT_METHODS = {"layers": "norm_ratio", "hidden": "pca", "ffn": "activation", "heads": "none"}
 
 
 def _path(stage: str, name: str) -> str:
@@ -192,13 +191,11 @@ class Builder:
         """calibrate/<child> (when any axis shrinks) and prune/<child>."""
         src = resolve.lookup(c.prune_from, self.cps).ref
         source, target = self.shape_of(src), self.shapes[c.name]
-        shrinks = {a for a in ("layers", "hidden", "ffn", "heads", "kv_heads") if getattr(target, a) < getattr(source, a)}
-        if {"heads", "kv_heads"} & shrinks:
-            shrinks.add("heads")
-        methods = {a: (c.methods.get(a, DEFAULT_METHODS[a]) if a in shrinks else None) for a in DEFAULT_METHODS}
-        at = where((*c.at, "pruning"))
-        method_prov = {f"config.methods.{a}": (f"spec:{at}.{a}" if a in c.methods else "default")
-                       for a, m in methods.items() if m}
+        methods, how = resolve.methods(c, source, target)
+        shrinks = {a for a, m in methods.items() if m}
+        method_prov = {f"config.methods.{a}": how[a] for a in shrinks}
+        if c.shape.params is not None:
+            method_prov["config.target"] = f"solved:{where((*c.shape.at, 'params'))} ({c.shape.order})"
         cal = c.calibration
         inputs = [self.checkpoint("model", src)]
         if shrinks:

@@ -206,6 +206,7 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
                 solve_axes=tuple(a for a in solve.get("axes", default_axes) if a not in explicit),
                 tolerance=solve.get("tolerance", 0.02),
                 multiple_of={"hidden": 256, "ffn": 256, **solve.get("multiple_of", {})},
+                order=solve.get("order", "uniform"),
                 at=(*at, "shape"),
             ),
             methods={k: v for k, v in pruning.items() if k != "calibration"},

@@ -13,7 +13,7 @@ import json
 import networkx as nx
 
 from . import __version__, estimate, resolve
-from .shapes import param_count
+from .shapes import SOLVE_RULES, param_count
 from .spec import FamilySpec
 
 PLAN_VERSION = 1
@@ -97,6 +97,8 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
         s = shapes[c.name]
         models[c.name] = {"role": "child", "prune_from": c.prune_from, "shape": s.axes(), "params": param_count(s),
                           "checkpoints": sorted(owned.get(c.name, []))}
+        if c.shape.params is not None:
+            models[c.name]["solved"] = _solved(c, shapes[cps[c.prune_from].model or cps[c.prune_from].child])
     for m in spec.models.values():
         used_as = {"teacher" for *_, t, _ in resolve.trainings(spec) if t.teacher and resolve.lookup(t.teacher, cps) and resolve.lookup(t.teacher, cps).model == m.name}
         if any(c.prune_from == m.name for c in spec.children):
@@ -131,6 +133,19 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
         "totals": totals,
         "assumed": [f"{'.'.join(map(str, path))}: {why}" for path, why in spec.assumed],
     }
+
+
+def _solved(c, source) -> dict:
+    """How a `params` target became the child's shape: the request, the rule, and the runners-up."""
+    req, found = c.shape, resolve.solve(c, source)
+
+    def brief(s):
+        return {"layers": s.layers, "hidden": s.hidden, "ffn": s.ffn, "params": param_count(s)}
+
+    return {"params": req.params, "axes": list(req.solve_axes), "tolerance": req.tolerance,
+            "multiple_of": req.multiple_of, "order": req.order, "rule": SOLVE_RULES[req.order],
+            "error": round(abs(param_count(found.shape) - req.params) / req.params, 6),
+            "candidates": len(found.candidates), "runners_up": [brief(s) for s in found.candidates[1:4]]}
 
 
 def _model_identity(spec: FamilySpec, name: str) -> dict:

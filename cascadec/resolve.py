@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .shapes import Shape, solve
-from .spec import ChildSpec, FamilySpec, Share, Training
+from .shapes import Shape, Solution, solution
+from .source import where
+from .spec import DEFAULT_METHODS, ChildSpec, FamilySpec, Share, Training
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,11 +109,37 @@ def shapes(spec: FamilySpec, cps: dict[str, Checkpoint]) -> dict[str, Shape | No
 def child_shape(c: ChildSpec, source: Shape | None) -> Shape | None:
     if source is None:
         return None
+    if c.shape.params is None:
+        return source.replace(**c.shape.explicit)
+    found = solve(c, source)
+    return None if found is None else found.shape
+
+
+def solve(c: ChildSpec, source: Shape) -> Solution | None:
+    """The solved shape of a child with a `params` target, and the candidates it was chosen from."""
     req = c.shape
-    if req.params is None:
-        return source.replace(**req.explicit)
-    return solve(source, req.params, fixed=req.explicit, axes=req.solve_axes,
-                 tolerance=req.tolerance, multiple_of=req.multiple_of)
+    return solution(source, req.params, fixed=req.explicit, axes=req.solve_axes, tolerance=req.tolerance,
+                    multiple_of=req.multiple_of, order=req.order)
+
+
+def methods(c: ChildSpec, source: Shape, target: Shape) -> tuple[dict, dict]:
+    """The pruning method of every axis (None where the axis keeps its size) and the provenance of
+    each method used: the spec's `pruning.<axis>`, else DEFAULT_METHODS (heads: `kv_groups`
+    when the KV heads shrink, since `query` keeps them)."""
+    shrinks = {a for a in ("layers", "hidden", "ffn", "heads", "kv_heads") if getattr(target, a) < getattr(source, a)}
+    if "kv_heads" in shrinks:
+        shrinks.add("heads")
+    out, how = {}, {}
+    for axis, default in DEFAULT_METHODS.items():
+        if axis not in shrinks:
+            out[axis] = None
+        elif axis in c.methods:
+            out[axis], how[axis] = c.methods[axis], f"spec:{where((*c.at, 'pruning', axis))}"
+        elif axis == "heads" and target.kv_heads < source.kv_heads:
+            out[axis], how[axis] = "kv_groups", "default: kv_groups, since kv_heads shrink"
+        else:
+            out[axis], how[axis] = default, "default"
+    return out, how
 
 
 def budget(t: Training, spec: FamilySpec) -> int | None:

@@ -141,23 +141,27 @@ def hf_config_updates(s: Shape) -> dict:
     }
 
 
-def solve(
-    source: Shape,
-    target: int,
-    *,
-    fixed: dict,
-    axes: tuple[str, ...],
-    tolerance: float,
-    multiple_of: dict,
-) -> Shape | None:
-    """The shape nearest ``target`` parameters reachable by shrinking ``axes`` of ``source``.
+# How the solver chooses among the shapes within tolerance of a `params` target (`solve.order`).
+SOLVE_RULES = {
+    "uniform": "the most uniform cut (smallest largest per-axis shrink: Minitron and ModelOpt cap depth "
+               "and width pruning), then the smallest error, then the larger shape",
+    "width_first": "width before depth (Minitron): the most layers kept, then the most uniform width cut, "
+                   "then the smallest error",
+}
 
-    Deterministic. For every (layers, hidden) candidate the FFN width is solved in closed form
-    (parameters are linear in it) and rounded to its multiple. Among shapes within
-    ``tolerance``, prefer the most uniform cut (smallest largest per-axis shrink: Minitron
-    and ModelOpt cap depth and width pruning), then the smallest error, then the larger
-    shape. Returns None when no shape is within tolerance.
-    """
+
+@dataclass(frozen=True, kw_only=True)
+class Solution:
+    """A solved `params` target: the chosen shape and the shapes it was chosen from."""
+
+    shape: Shape
+    order: str
+    candidates: tuple[Shape, ...]  # every valid shape within tolerance, best first (the chosen one first)
+
+
+def _grid(source: Shape, fixed: dict, axes: tuple[str, ...], multiple_of: dict):
+    """(shape with layers and hidden set, FFN widths allowed) for every (layers, hidden) the axes
+    allow; FFN widths ascending. Parameters are linear in the FFN width for a fixed rest."""
     base = source.replace(**fixed)
 
     def options(axis: str) -> list[int]:
@@ -170,26 +174,80 @@ def solve(
         vals = list(range(step, top + 1, step))
         return vals if top in vals else vals + [top]
 
-    best = None
+    ffns = options("ffn")
     for layers in options("layers"):
         for hidden in options("hidden"):
-            trial = base.replace(layers=layers, hidden=hidden)
-            if "ffn" in axes:
-                unit = max(1, multiple_of.get("ffn", 1))
-                slope = layers * (2 if base.family == "nemotron" else 3) * hidden  # parameters per FFN channel
-                fixed_part = param_count(trial.replace(ffn=0))
-                exact = (target - fixed_part) / slope if slope else 0
-                lo = int(exact // unit) * unit
-                cands = sorted({min(max(unit, c), base.ffn) for c in (lo, lo + unit)})
+            yield base.replace(layers=layers, hidden=hidden), ffns
+
+
+def _near(trial: Shape, ffns: list[int], target: int) -> list[int]:
+    """The allowed FFN widths whose parameter counts bracket ``target`` (closed form)."""
+    if len(ffns) == 1:
+        return ffns
+    slope = trial.layers * (2 if trial.family == "nemotron" else 3) * trial.hidden  # parameters per FFN channel
+    exact = (target - param_count(trial.replace(ffn=0))) / slope if slope else 0
+    unit = ffns[1] - ffns[0]
+    lo = int(exact // unit) * unit
+    return sorted({min(max(ffns[0], c), ffns[-1]) for c in (lo, lo + unit)})
+
+
+def solve(source: Shape, target: int, **how) -> Shape | None:
+    """The shape `solution` chooses, or None."""
+    found = solution(source, target, **how)
+    return None if found is None else found.shape
+
+
+def solution(
+    source: Shape,
+    target: int,
+    *,
+    fixed: dict,
+    axes: tuple[str, ...],
+    tolerance: float,
+    multiple_of: dict,
+    order: str = "uniform",
+) -> Solution | None:
+    """The shape nearest ``target`` parameters reachable by shrinking ``axes`` of ``source``.
+
+    Deterministic. For every (layers, hidden) candidate the FFN width is solved in closed form
+    (parameters are linear in it) and rounded to its multiple. Shapes whose Hugging Face config
+    would not load (`config_errors`) are never candidates. Among shapes within ``tolerance`` the
+    rule of ``order`` (SOLVE_RULES) chooses. Returns None when no shape is within tolerance.
+    """
+    found = []
+    for trial, ffns in _grid(source, fixed, axes, multiple_of):
+        for ffn in _near(trial, ffns, target):
+            shape = trial.replace(ffn=ffn)
+            err = abs(param_count(shape) - target) / target
+            if err > tolerance or config_errors(shape):
+                continue
+            shrink = {a: 1 - getattr(shape, a) / getattr(source, a) for a in ("layers", "hidden", "ffn")}
+            tail = (round(err, 12), -shape.layers, -shape.hidden, -shape.ffn)
+            if order == "width_first":
+                key = (-shape.layers, round(max(shrink["hidden"], shrink["ffn"]), 9), *tail)
             else:
-                cands = [base.ffn]
-            for ffn in cands:
-                shape = trial.replace(ffn=ffn)
-                err = abs(param_count(shape) - target) / target
-                if err > tolerance:
-                    continue
-                shrink = max(1 - getattr(shape, a) / getattr(source, a) for a in ("layers", "hidden", "ffn"))
-                key = (round(shrink, 9), round(err, 12), -shape.layers, -shape.hidden, -shape.ffn)
-                if best is None or key < best[0]:
-                    best = (key, shape)
-    return None if best is None else best[1]
+                key = (round(max(shrink.values()), 9), *tail)
+            found.append((key, shape))
+    if not found:
+        return None
+    ranked = tuple(shape for _, shape in sorted(found, key=lambda ks: ks[0]))
+    return Solution(shape=ranked[0], order=order, candidates=ranked)
+
+
+def reachable(source: Shape, target: int, *, fixed: dict, axes: tuple[str, ...],
+              multiple_of: dict) -> tuple[int, int, int | None, int | None]:
+    """(smallest, largest, nearest below ``target``, nearest above) parameter counts of the
+    loadable shapes the axes allow: the true range a `params` target can be chosen from."""
+    lo = hi = below = above = None
+    for trial, ffns in _grid(source, fixed, axes, multiple_of):
+        for ffn in {ffns[0], ffns[-1], *_near(trial, ffns, target)}:
+            shape = trial.replace(ffn=ffn)
+            if config_errors(shape):
+                continue
+            n = param_count(shape)
+            lo, hi = min(lo or n, n), max(hi or n, n)
+            if n <= target and (below is None or n > below):
+                below = n
+            if n >= target and (above is None or n < above):
+                above = n
+    return lo, hi, below, above

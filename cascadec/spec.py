@@ -12,6 +12,13 @@ from fractions import Fraction
 from .shapes import Shape
 
 
+# The pruning method of an axis that shrinks when the spec names none; the plan records each as
+# "default". One place, so that a measured better criterion changes every default at once.
+# `heads: query` keeps the KV heads and drops query heads within groups; a child whose kv_heads
+# shrink gets `kv_groups` instead (resolve.methods).
+DEFAULT_METHODS = {"layers": "norm_ratio", "hidden": "pca", "ffn": "activation", "heads": "query"}
+
+
 @dataclass(frozen=True)
 class Share:
     """A token budget written as a share of the family budget (`30%`)."""
@@ -96,6 +103,7 @@ class ShapeRequest:
     solve_axes: tuple[str, ...]
     tolerance: float
     multiple_of: dict
+    order: str  # how the solver chooses among shapes within tolerance (shapes.SOLVE_RULES)
     at: tuple
 
 
