@@ -253,6 +253,49 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                  notes=[f"{r}: {float(x.tokens.fraction):.0%}" for x, r in shares])
             break
 
+    # -- context and RoPE ---------------------------------------------------------------------
+    ctx = resolve.contexts(spec, cps)
+    for c, variant, t, ref in resolve.trainings(spec):
+        start = resolve.lookup(resolve.starts(c)[ref], cps, c)
+        if c.name in dupes or start is None or not t.seq_len:
+            continue
+        before = ctx.get(start.ref)
+        rope, written = t.options.get("rope"), t.options.get("max_position_embeddings")
+        if rope is None and written is None:
+            if before is not None and t.seq_len > before:
+                factor = t.seq_len / before
+                fix = (f"extend the context in this phase: add `max_position_embeddings: {t.seq_len}` and `rope: "
+                       f"{{rope_type: yarn, factor: {factor:g}, original_max_position_embeddings: {before}}}`, "
+                       if variant is None else "extend the context in a long-context phase first, ")
+                diag("CSC231", f"'{ref}' trains on {t.seq_len:,}-token sequences, but '{start.ref}' has "
+                     f"{before:,} positions (max_position_embeddings) and no rope scaling is set",
+                     (*t.at, "seq_len"), fix + f"or lower seq_len to {before:,}")
+        else:
+            after = ctx[ref]
+            if t.seq_len > after:
+                diag("CSC231", f"'{ref}' trains on {t.seq_len:,}-token sequences, longer than the "
+                     f"max_position_embeddings {after:,} it writes", (*t.at, "seq_len"),
+                     f"set `max_position_embeddings: {t.seq_len}` or lower seq_len to {after:,}")
+            if rope is None and before is not None and after > before:
+                diag("CSC232", f"'{ref}' raises the context from {before:,} to {after:,} positions without rope "
+                     "scaling", (*t.at, "max_position_embeddings"),
+                     f"add `rope: {{rope_type: yarn, factor: {after / before:g}, original_max_position_embeddings: "
+                     f"{before}}}` (Ministral 3: YaRN factor 16 from 16,384 to 262,144)", severity="warning")
+            factor, original = (rope or {}).get("factor"), (rope or {}).get("original_max_position_embeddings")
+            if factor and original and original * factor < after:
+                diag("CSC232", f"rope factor {factor:g} extends {original:,} positions to {original * factor:,.0f}, "
+                     f"short of the {after:,} this phase writes", (*t.at, "rope", "factor"),
+                     f"set `factor: {after / original:g}` (max_position_embeddings / original_max_position_embeddings)",
+                     severity="warning")
+        teacher = resolve.lookup(t.teacher, cps, c)
+        if teacher is not None and ctx.get(teacher.ref) is not None and t.seq_len > ctx[teacher.ref]:
+            tc = ctx[teacher.ref]
+            diag("CSC233", f"teacher '{t.teacher}' has {tc:,} positions but '{ref}' trains on {t.seq_len:,}-token "
+                 "sequences", (*t.at, "teacher"),
+                 f"the teacher's logits past position {tc:,} are extrapolated: use a teacher with a long enough "
+                 f"context, lower seq_len to {tc:,}, or, if the teacher does handle it (rope scaling at inference), "
+                 "set its `max_position_embeddings`", severity="warning")
+
     # -- batches split evenly over devices ---------------------------------------------------
     boots = [(m.bootstrap, f"bootstrap of '{m.name}'") for m in spec.models.values() if m.bootstrap is not None]
     for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:

@@ -131,6 +131,16 @@ def _arch_provenance(model: dict, at: tuple) -> dict:
     return prov
 
 
+def _context(arch: dict | None, config: dict | None) -> int | None:
+    """A model's context length: `arch.max_position_embeddings`, else its config.json's (the text
+    config's for a vision-language parent), else unknown."""
+    if arch is not None:
+        return arch.get("max_position_embeddings")
+    text = (config or {}).get("text_config", config or {})
+    value = text.get("max_position_embeddings") if isinstance(text, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
     """Lower a schema-valid document. ``configs``: model name -> its local config.json mapping."""
     raw = counts.whole(doc, family_schema())  # `tokens: 3e12` -> 3_000_000_000_000
@@ -161,7 +171,8 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
             bootstrap = _training(boot, "bootstrap", (*at, "source", "bootstrap"), family_settings, assumed)
         models[name] = ModelSpec(name=name, source=m["source"], arch=arch, description=m.get("description"),
                                  bootstrap=bootstrap, at=at, config_arch=config_arch,
-                                 arch_provenance=_arch_provenance(m, at))
+                                 arch_provenance=_arch_provenance(m, at),
+                                 context=_context(expand(m["arch"]) if "arch" in m else None, configs.get(name)))
 
     data = {
         name: DataSpec(

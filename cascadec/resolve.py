@@ -142,6 +142,44 @@ def methods(c: ChildSpec, source: Shape, target: Shape) -> tuple[dict, dict]:
     return out, how
 
 
+def contexts(spec: FamilySpec, cps: dict[str, Checkpoint]) -> dict[str, int | None]:
+    """The context length (max_position_embeddings) of every checkpoint; None where unknown.
+
+    A model has its own; a pruned child has its source's; a phase that sets
+    `max_position_embeddings` (or a `rope` change alone, which the plan writes as its seq_len)
+    has that, and every other training has its starting checkpoint's."""
+    trains = {ref: (c, t) for c, _, t, ref in trainings(spec)}
+    children = {c.name: c for c in spec.children}
+    out: dict[str, int | None] = {}
+
+    def context(ref: str, visiting: frozenset) -> int | None:
+        if ref in out:
+            return out[ref]
+        cp = cps.get(ref)
+        if cp is None or ref in visiting:
+            return None
+        visiting = visiting | {ref}
+        if cp.model is not None:
+            value = spec.models[cp.model].context
+        elif ref in trains:
+            c, t = trains[ref]
+            start = lookup(starts(c)[ref], cps, c)
+            value = t.options.get("max_position_embeddings", t.seq_len if "rope" in t.options else None)
+            if value is None:
+                value = None if start is None else context(start.ref, visiting)
+        elif ref.endswith("/pruned") and cp.child in children:
+            src = lookup(children[cp.child].prune_from, cps)
+            value = None if src is None else context(src.ref, visiting)
+        else:
+            value = None
+        out[ref] = value
+        return value
+
+    for ref in cps:
+        context(ref, frozenset())
+    return out
+
+
 def budget(t: Training, spec: FamilySpec) -> int | None:
     """A training's tokens as an absolute count (shares of the family budget resolved)."""
     if isinstance(t.tokens, Share):

@@ -48,6 +48,7 @@ class ModelSpec:
     name: str
     source: dict  # {"hub": id, "revision"?} | {"path": relpath} | {"bootstrap": {...}}
     arch: Shape | None  # inline (or a preset), else read from a local config.json
+    context: int | None  # max_position_embeddings (arch, preset or config.json); None = unknown, not checked
     description: str | None
     bootstrap: "Training | None"
     at: tuple
