@@ -18,6 +18,7 @@ from .source import Document, where
 from .spec import FamilySpec, Share
 
 RESERVED = {"pruned", "control"}
+ROUNDING_WARN = 0.05  # a budget that loses more than 5% to whole steps warns; the plan notes any loss
 
 
 def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
@@ -243,6 +244,15 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             diag("CSC212", f"{what} give zero steps for '{ref}' ({per:,} per step)",
                  (*t.at, "prompts" if t.kind in ("odpo", "grpo") else "tokens"),
                  "raise the budget or lower `seq_len` / `batch.global`")
+
+    for c, variant, t, ref in resolve.trainings(spec):
+        r = resolve.rounding(t, spec)
+        if r is not None and (r[0] - r[1]) / r[0] > ROUNDING_WARN:
+            asked, trained, per, unit = r
+            diag("CSC234", f"'{ref}' trains {trained:,} of the {asked:,} {unit} asked ({(asked - trained) / asked:.1%} "
+                 f"fewer): steps round down to whole batches of {per:,}",
+                 (*t.at, "prompts" if unit == "prompts" else "tokens"),
+                 f"ask for a multiple of {per:,}: {trained:,} or {trained + per:,} {unit}", severity="warning")
 
     total = 0
     for t, ref in shares:

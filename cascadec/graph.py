@@ -26,6 +26,7 @@ from .source import where
 from .spec import ChildSpec, FamilySpec, Training
 
 TRAINING_GROUPS = ("optimizer", "schedule", "batch", "checkpoint")
+SLURM_OPTIONS = ("partition", "account", "qos")
 LOCAL = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "none"}
 # Calibration scores each pruning method reads (see runtime/keep.py).
 SCORES = {"norm_ratio": "norm_ratio", "block_influence": "block_influence", "angular": "angular",
@@ -46,6 +47,14 @@ def _launch(settings) -> tuple[dict, dict]:
     r = settings.group("resources")
     launch = {k: r[k] for k in ("devices", "nodes", "launcher", "strategy")}
     return launch, {f"launch.{k}": settings.provenance[f"resources.{k}"] for k in launch}
+
+
+def _slurm(settings) -> dict:
+    """`#SBATCH` options set in the spec (partition, account, qos): rendered by `plan --emit`,
+    not hashed (where a stage is queued does not change what it computes)."""
+    if settings is None:
+        return {}
+    return {k: settings[f"resources.{k}"] for k in SLURM_OPTIONS if settings[f"resources.{k}"] is not None}
 
 
 def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int) -> tuple[dict, dict]:
@@ -103,7 +112,11 @@ class Builder:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def add(self, stage: dict) -> None:
+    def add(self, stage: dict, settings=None) -> None:
+        """Add a stage; its Slurm options come from ``settings`` (default: the family's)."""
+        slurm = _slurm(settings or self.spec.defaults)
+        if slurm:
+            stage["slurm"] = slurm
         self.g.add_node(stage["id"], stage=stage)
         for inp in stage["inputs"]:
             if "stage" in inp:
@@ -148,7 +161,7 @@ class Builder:
             self.add({"id": sid, "kind": "bootstrap", "inputs": [{"role": "data", "data": t.data}],
                       "outputs": [_path(sid, "model")], "config": config, "launch": launch,
                       "provenance": {**prov, **lprov}, "_n": param_count(m.arch),
-                      "_shape": m.arch, "_budget": self.budget(t.settings), "_at": t.at})
+                      "_shape": m.arch, "_budget": self.budget(t.settings), "_at": t.at}, t.settings)
 
     def windows(self) -> list[Window]:
         """Every training in plan order, with its steps and stream window."""
@@ -184,7 +197,7 @@ class Builder:
                                  "precision": first.settings["resources.precision"],
                                  "users": sorted(w.ref for w in users)},
                       "launch": launch, "provenance": lprov, "_n": param_count(self.shape_of(teacher)),
-                      "_shape": self.shape_of(teacher), "_budget": self.budget(first.settings), "_at": first.at})
+                      "_shape": self.shape_of(teacher), "_budget": self.budget(first.settings), "_at": first.at}, first.settings)
         return cache_of
 
     def surgery(self, c: ChildSpec) -> None:
@@ -212,14 +225,14 @@ class Builder:
                                  "precision": cal["resources.precision"]},
                       "launch": launch, "provenance": {**_prov(cal, ("calibration", "seed")), **lprov},
                       "_n": param_count(source), "_tokens": samples * seq_len, "_shape": source,
-                      "_budget": self.budget(cal), "_at": (*c.at, "pruning")})
+                      "_budget": self.budget(cal), "_at": (*c.at, "pruning")}, cal)
             inputs.append({"role": "stats", "stage": sid, "path": _path(sid, "stats.safetensors")})
         sid = resolve.stage_id("prune", c.name)
         self.add({"id": sid, "kind": "prune", "inputs": inputs, "outputs": [_path(sid, "model")],
                   "config": {"source_shape": source.axes(), "target": target.axes(), "methods": methods,
                              "tie_embeddings": target.tied_embeddings and not source.tied_embeddings},
                   "launch": dict(LOCAL),  # one process streams the checkpoint
-                  "provenance": method_prov, "_n": param_count(target)})
+                  "provenance": method_prov, "_n": param_count(target)}, cal)
 
     def training(self, w: Window, cache_of: dict[str, str]) -> None:
         """distill/<child>/<phase> or <kind>/<child>/<variant>/<step>."""
@@ -270,10 +283,12 @@ class Builder:
             config["tokens"] = w.tokens
         launch, lprov = _launch(t.settings)
         sid = self.cps[ref].stage
+        note = resolve.rounding_note(t, self.spec)
         self.add({"id": sid, "kind": t.kind, "inputs": inputs, "outputs": [_path(sid, "model")],
                   "config": config, "launch": launch, "provenance": {**prov, **lprov},
+                  **({"notes": [note]} if note else {}),
                   "_n": param_count(self.shapes[c.name]), "_n_teacher": n_teacher, "_shape": self.shapes[c.name],
-                  "_teacher": teacher_shape, "_budget": self.budget(t.settings), "_at": t.at})
+                  "_teacher": teacher_shape, "_budget": self.budget(t.settings), "_at": t.at}, t.settings)
 
     def control(self, c: ChildSpec) -> None:
         """control/<child>: the child's shape, random init, next-token loss, the same tokens as
@@ -294,7 +309,7 @@ class Builder:
                   "outputs": [_path(sid, "model")], "config": config, "launch": launch,
                   "provenance": {**prov, **lprov, "config.tokens": "same tokens as the child's distillation phases"},
                   "_n": param_count(self.shapes[c.name]), "_shape": self.shapes[c.name],
-                  "_budget": self.budget(first.settings), "_at": (*c.at, "control")})
+                  "_budget": self.budget(first.settings), "_at": (*c.at, "control")}, first.settings)
 
     def eval(self, owner: str, names: list[str]) -> str:
         sid = resolve.stage_id("eval", owner)
@@ -315,7 +330,7 @@ class Builder:
         sid = resolve.stage_id("export", c.name)
         self.add({"id": sid, "kind": "export", "inputs": [self.checkpoint(f"checkpoint:{f}", f) for f in finals],
                   "outputs": [_path(sid, n) for n in names], "config": {"names": names},
-                  "launch": dict(LOCAL), "provenance": {}, "_n": 0})
+                  "launch": dict(LOCAL), "provenance": {}, "_n": 0}, c.calibration)
 
     def report(self, evals: list[str]) -> None:
         sid = resolve.stage_id("report", self.spec.family)

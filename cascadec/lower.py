@@ -24,6 +24,7 @@ DEFAULTS = {
     "resources.devices": 1, "resources.nodes": 1, "resources.launcher": "local",
     "resources.strategy": "none", "resources.precision": "fp32", "resources.memory_gb": None,  # None: hardware.device's
     "resources.activation_checkpointing": False,
+    "resources.partition": None, "resources.account": None, "resources.qos": None,  # Slurm: the cluster's defaults
     "optimizer.name": "adamw", "optimizer.lr": 1e-4, "optimizer.min_lr": 1e-5,
     "optimizer.betas": [0.9, 0.95], "optimizer.eps": 1e-8, "optimizer.weight_decay": 0.1,
     "optimizer.grad_clip": 1.0,
@@ -234,5 +235,5 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
         from_scratch_tokens=quantity(budget["from_scratch_tokens"]) if "from_scratch_tokens" in budget else None,
         hardware=hardware, models=models, data=data, judges=judges, children=tuple(children),
         eval=EvalSpec(data=ev["data"], tokens=quantity(ev["tokens"]), seq_len=ev["seq_len"], at=("eval",)) if ev else None,
-        assumed=tuple(assumed),
+        assumed=tuple(assumed), defaults=family_settings,
     )

@@ -200,6 +200,30 @@ def steps(t: Training, spec: FamilySpec) -> int | None:
     return total // (t.seq_len * per_step)
 
 
+def rounding(t: Training, spec: FamilySpec) -> tuple[int, int, int, str] | None:
+    """(asked, trained, per step, unit) when whole steps cover less than the budget asked:
+    steps round down, so `tokens: 94B` at 4,718,592 tokens per step trains 93,999,071,232."""
+    n = steps(t, spec)
+    if not n:
+        return None
+    if t.kind in ("odpo", "grpo"):
+        asked, per, unit = t.prompts, t.settings["batch.global"], "prompts"
+    else:
+        asked, per, unit = budget(t, spec), t.seq_len * t.settings["batch.global"], "tokens"
+    return (asked, n * per, per, unit) if n * per < asked else None
+
+
+def rounding_note(t: Training, spec: FamilySpec) -> str | None:
+    """The plan's note for `rounding`, with the exact figures."""
+    r = rounding(t, spec)
+    if r is None:
+        return None
+    asked, trained, per, unit = r
+    how = f"seq_len {t.seq_len:,} x batch {t.settings['batch.global']:,}" if unit == "tokens" else "the global batch"
+    return (f"asked {asked:,} {unit}; trains {trained:,} ({asked - trained:,} fewer, {(asked - trained) / asked:.3%}): "
+            f"{trained // per:,} whole steps of {per:,} {unit} ({how}); steps round down")
+
+
 def trainings(spec: FamilySpec):
     """(child, variant or None, training, checkpoint ref) for every training, in plan order."""
     for c in spec.children:

@@ -7,6 +7,7 @@ raw validator text is never shown. Pure: reads the packaged schema once, touches
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from importlib import resources
 
@@ -129,6 +130,10 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
         code = "CSC104"
         message = f"{where} is '{value}', which is not a token budget"
         help = "write 250B, 3T, an integer, or a share of the family budget such as 30%"
+    elif kind == "pattern" and path[-2:-1] == ("resources",):
+        code = "CSC104"
+        message = f"{where} is '{value}', which is not a Slurm name"
+        help = "Slurm partition, account and qos names use letters, digits, '.', '_', '-' (and ',' between partitions)"
     elif kind == "pattern":
         code = "CSC104"
         message = f"{where} is '{value}', which is not a valid name or reference"
@@ -170,6 +175,16 @@ def validate(doc: Document) -> list[Diagnostic]:
 
     Numbers that should be whole counts and are not (2.5, 1e400, `1.2345K`) get CSC106 from
     `counts`, and no second, vaguer diagnostic at the same place."""
+    data = doc.data
+    if isinstance(data, dict) and "cascadec" not in data and {"cascadec_version", "stages"} <= set(data):
+        made_from = data.get("spec_file")
+        return [Diagnostic(  # a saved plan where a spec belongs: say so, not "missing key 'cascadec'"
+            code="CSC107", message="this is a plan (cascadec's output), not a family spec", path=doc.path,
+            span=doc.span(("cascadec_version",), key=True),
+            help=(f"give the spec it was made from: {os.path.normpath(os.path.join(os.path.dirname(doc.path), made_from))}"
+                  if isinstance(made_from, str)
+                  else "give the family spec (YAML) it was made from")
+            + "; `cascadec run`, `status` and `diff` read plans")]
     out = counts.diagnostics(doc, family_schema())
     counted = {d.span for d in out}
     seen = set()

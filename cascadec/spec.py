@@ -145,3 +145,4 @@ class FamilySpec:
     children: tuple[ChildSpec, ...]
     eval: EvalSpec | None
     assumed: tuple = field(default=())  # (doc path, why) of every assumed value
+    defaults: Settings | None = None  # the family-level settings (built-ins + `defaults:`)
