@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 
 from .diagnostics import Diagnostic
@@ -28,12 +29,17 @@ def suffixed(text: str) -> Decimal | None:
     return Decimal(m[1]) * SUFFIX[m[2]] if m else None
 
 
+@lru_cache(maxsize=4)
+def _lines(text: str) -> list[str]:
+    return text.splitlines()
+
+
 def written(doc: Document, path: tuple) -> str | None:
     """The scalar exactly as the user wrote it (from the span of its node), if it is one line."""
     span = doc.spans.get(path)
     if span is None or span.end_col is None:
         return None
-    lines = doc.text.splitlines()
+    lines = _lines(doc.text)
     return lines[span.line - 1][span.col - 1:span.end_col - 1] if span.line <= len(lines) else None
 
 
@@ -56,12 +62,13 @@ def _resolve(schema: dict, root: dict) -> dict:
 
 
 def _walk(schema: dict, value, path: tuple, root: dict, types: dict, quantities: dict) -> None:
-    """Collect, per path, the JSON types the schema allows there and the suffixed counts."""
+    """Collect, per path, the JSON types the schema allows there, and the paths where a suffixed
+    count may stand."""
     schema = _resolve(schema, root)
     t = schema.get("type")
     if t is not None:
         types.setdefault(path, set()).update(t if isinstance(t, list) else [t])
-    if isinstance(value, str) and "[KMBT]" in schema.get("pattern", ""):
+    if "[KMBT]" in schema.get("pattern", ""):  # a suffixed count may stand here
         quantities[path] = value
     for key in ("anyOf", "oneOf", "allOf"):
         for branch in schema.get(key, ()):
@@ -79,7 +86,8 @@ def _walk(schema: dict, value, path: tuple, root: dict, types: dict, quantities:
 
 
 def _positions(doc: Document, schema: dict):
-    """(path, value) of every number where only integers are allowed, and every suffixed count."""
+    """(path, value) of every number where only integers are allowed, and (path, value) of every
+    position where a suffixed count may stand."""
     types: dict = {}
     quantities: dict = {}
     _walk(schema, doc.data, (), schema, types, quantities)
@@ -131,9 +139,11 @@ def diagnostics(doc: Document, schema: dict) -> list[Diagnostic]:
                               span=doc.span(path), help=help))
 
     for path, value in numbers:
-        text = written(doc, path) or repr(value)
         n = _exact(doc, path, value) if isinstance(value, float) else value
-        is_count = path in quantities or _accepts_suffix(doc, schema, path)
+        if n is not None and n <= LARGEST:
+            continue
+        text = written(doc, path) or repr(value)
+        is_count = path in quantities
         if n is None:
             what = ("not a number" if math.isnan(value) else
                     "too large to be a count (it reads as infinity)" if math.isinf(value) else "not a whole number")
@@ -144,7 +154,7 @@ def diagnostics(doc: Document, schema: dict) -> list[Diagnostic]:
             diag(path, f"{text}, which is too large to be a count",
                  f"the largest count is {LARGEST:,} (2^63 - 1); check the exponent or the suffix")
     for path, text in quantities.items():
-        n = suffixed(text)
+        n = suffixed(text) if isinstance(text, str) else None
         if n is None:
             continue
         if n != n.to_integral_value():
@@ -163,8 +173,3 @@ def _suffix_form(n: int) -> str:
             return f"{Decimal(n) / SUFFIX[s]:f}".rstrip("0").rstrip(".") + s
     return str(n)
 
-
-def _accepts_suffix(doc: Document, schema: dict, path: tuple) -> bool:
-    """Whether a `250B`-style string would be a count at ``path``."""
-    probe = Document(path=doc.path, text="", data=_set(doc.data, path, "1K"), spans={})
-    return path in _positions(probe, schema)[1]
