@@ -3,7 +3,8 @@ errors cannot be acknowledged, and an acknowledgement that covers nothing is a w
 
 The specimen is specs/ministral3.yaml, whose 8B -> 3B step removes 60% of the parameters
 (CSC220) as the paper did, acknowledged on the `shape:` line of the 3B child; its four stages that
-cannot fit an 80 GB device with this runtime (CSC242) are acknowledged on their `seq_len:` lines.
+cannot fit an 80 GB device with this runtime (CSC242) are acknowledged on their `seq_len:` lines, and its
+three 262K phases taught by the 128K parent (CSC233) on their `teacher:` lines.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ def validate(tmp_path, text):
 def test_the_example_acknowledges_its_one_step_60_percent_cut(tmp_path):
     run = validate(tmp_path, SPEC)
     assert (run.code, run.err) == (0, "")
-    assert run.out == "ok: spec.yaml: family 'ministral3', 39 stages, 5 warnings acknowledged\n"
+    assert run.out == "ok: spec.yaml: family 'ministral3', 39 stages, 8 warnings acknowledged\n"
 
 
 def test_without_the_comment_the_warning_shows(tmp_path):
     run = validate(tmp_path, SPEC.replace(ACKED, SHAPE + "\n"))
     assert run.code == 0
     assert run.err.startswith(f"spec.yaml:{LINE}:12: warning[CSC220]: child 'ministral-3-3b' removes 60% of the parameters")
-    assert run.out == "ok: spec.yaml: family 'ministral3', 39 stages, 4 warnings acknowledged\n"
+    assert run.out == "ok: spec.yaml: family 'ministral3', 39 stages, 7 warnings acknowledged\n"
 
 
 @pytest.mark.parametrize("where", ["line above", "file header", "two codes"])
@@ -44,7 +45,7 @@ def test_a_comment_line_above_or_in_the_header_covers_the_warning(tmp_path, wher
     else:
         text = SPEC.replace("ack CSC220 --", "ack CSC214, CSC220 --")
     run = validate(tmp_path, text)
-    assert run.out.endswith("5 warnings acknowledged\n")
+    assert run.out.endswith("8 warnings acknowledged\n")
     assert "warning[CSC220]" not in run.err
     if where == "two codes":  # CSC214 covers nothing on that line
         assert run.err.startswith(f"spec.yaml:{LINE}:90: warning[CSC008]: `ack CSC214` acknowledges no warning: "
