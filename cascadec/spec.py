@@ -15,8 +15,10 @@ from .shapes import Shape
 # The pruning method of an axis that shrinks when the spec names none; the plan records each as
 # "default". One place, so that a measured better criterion changes every default at once.
 # `heads: query` keeps the KV heads and drops query heads within groups; a child whose kv_heads
-# shrink gets `kv_groups` instead (resolve.methods).
-DEFAULT_METHODS = {"layers": "norm_ratio", "hidden": "pca", "ffn": "activation", "heads": "query"}
+# shrink gets `kv_groups` instead (resolve.methods). Layers: block influence, measured (a real
+# 135M Llama cut 30 -> 24 layers: perplexity 19.1 with it, 29.6 with Ministral 3's norm ratio;
+# docs/pruning.md); specs that follow the paper name `norm_ratio` explicitly.
+DEFAULT_METHODS = {"layers": "block_influence", "hidden": "pca", "ffn": "activation", "heads": "query"}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cascadec.shapes import Shape, config_errors
+from cascadec.spec import DEFAULT_METHODS
 
 # Method names per axis as the plan's `prune.config.methods` spells them (aliases accepted).
 METHODS = {
@@ -23,9 +24,8 @@ METHODS = {
 }
 # Other spellings of the same algorithm (the compiler's names for heads; an old ffn name).
 ALIASES = {"ffn_activation", "heads", "query", "kv_groups"}
-# What `cascadec prune` uses when a flag does not say, chosen from measurements
-# (docs/pruning.md: on trained models block influence drops the layers that cost least).
-DEFAULT = {"layers": "block_influence", "hidden": "pca", "ffn": "activation", "heads": "importance"}
+# What `cascadec prune` uses when a flag does not say: the compiler's defaults, one table.
+DEFAULT = DEFAULT_METHODS
 # The calibration score each method reads.
 NEEDS = {"norm_ratio": "norm_ratio", "block_influence": "block_influence",
          "angular": "angular_distance", "pca": "hidden_covariance", "channel": "hidden_channel",

@@ -42,7 +42,7 @@ def test_prune_command_writes_a_loadable_model(src, tmp_path, capsys):
     target = su.shape(src).replace(layers=3, hidden=48, ffn=96, heads=2, kv_heads=1, tied_embeddings=True)
     assert su.shape(out) == target and su.text_params(out) == param_count(target)
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["methods"] == {"layers": "angular", "hidden": "pca", "ffn": "activation", "heads": "importance"}
+    assert report["methods"] == {"layers": "angular", "hidden": "pca", "ffn": "activation", "heads": "query"}
     assert report["calibration"]["angular"]["block"] == 1
     assert leftovers(out) == ["small"]
 
