@@ -146,8 +146,8 @@ def aligned_to_gain(u: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, tor
     compression of diag(g) onto the kept subspace; the only error left is the part of
     diag(g)·x̂ that leaves it. At full width P = I, so a rotation without slicing is exact
     for any gain, negative ones included. (Keeping u's own basis and the diagonal of M, as a
-    norm weight can hold, mixes channels of unequal gain: on a tied 135M Llama with gains
-    from −2.1 to 3.3 that cost 1.8 nats at a 1.6% cut; benchmarks/prune_quality.py.)
+    norm weight can hold, mixes channels of unequal gain: a tied 135M Llama with gains from
+    −2.1 to 3.3 lost 1.8 nats at a 1.6% cut; measurements in docs/pruning.md.)
     """
     m = u.double().T @ (g.double()[:, None] * u.double())
     eigval, r = torch.linalg.eigh((m + m.T) / 2)
