@@ -126,3 +126,9 @@ def test_prune_refuses_a_llama_hidden_size_transformers_cannot_load(tmp_path, ca
         "(the checkpoint could not be loaded)\n"
         "help: choose hidden as a multiple of 4 (e.g. 48 or 52), or change heads\n")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_non_finite_outputs_fail_the_check_without_a_reference(tmp_path):
+    src = su.edit(su.model(tmp_path, "mistral"), lambda t: t["model.norm.weight"].fill_(float("nan")))
+    with pytest.raises(ValueError, match="outputs are not finite"):
+        reconstruction.verify(src, {}, log=lambda m: None)
