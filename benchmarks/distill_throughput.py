@@ -69,7 +69,7 @@ def batches(models: dict, steps: int) -> list[torch.Tensor]:
     """The exact micro-batches the stage reads, in order."""
     from transformers import AutoTokenizer
 
-    from cascadec.runtime.data import Window, micro_batches, open_stream
+    from cascadec.runtime.data.stream import Window, micro_batches, open_stream
 
     window = Window.from_config(stage(steps)["config"])
     tok = AutoTokenizer.from_pretrained(models["student"])
@@ -79,7 +79,7 @@ def batches(models: dict, steps: int) -> list[torch.Tensor]:
 
 def run_floor(models: dict, micro_batches: list[torch.Tensor]) -> float:
     """The bare loop: nothing but the work any distillation step must do, written naively."""
-    from cascadec.runtime.models import load_model
+    from cascadec.runtime.training.models import load_model
 
     torch.manual_seed(0)
     student, teacher = load_model(models["student"]).train(), load_model(models["teacher"]).eval()
@@ -103,7 +103,7 @@ def run_trl(models: dict, micro_batches: list[torch.Tensor], steps: int, work: P
     from transformers import AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from cascadec.runtime.models import load_model
+    from cascadec.runtime.training.models import load_model
 
     rows = torch.cat(micro_batches)
     dataset = Dataset.from_dict({"input_ids": rows.tolist()})
@@ -131,7 +131,7 @@ def run_trl(models: dict, micro_batches: list[torch.Tensor], steps: int, work: P
 
 
 def memory_child(variant: str) -> None:
-    from cascadec.runtime.kd import LossSpec, Teacher, chunked_loss
+    from cascadec.runtime.training.kd import LossSpec, Teacher, chunked_loss
 
     g = torch.Generator().manual_seed(0)
     n, v, h = MEMORY_TOKENS, MEMORY_VOCAB, MEMORY_HIDDEN

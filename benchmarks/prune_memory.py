@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from cascadec.runtime.calibrate import SCORES, collect, save
+from cascadec.runtime.surgery.calibrate import SCORES, collect, save
 
 SHAPE = dict(vocab_size=32768, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
              num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)
@@ -29,9 +29,9 @@ SAMPLES, SEQ_LEN, BATCH = 8, 256, 4
 PRUNE = """
 import sys, json
 from pathlib import Path
-from cascadec.runtime.prune import prune
-from cascadec.runtime.calibrate import load
-from cascadec.runtime.adapters import read_config
+from cascadec.runtime.surgery.prune import prune
+from cascadec.runtime.surgery.calibrate import load
+from cascadec.runtime.surgery.adapters import read_config
 from cascadec.shapes import from_hf_config
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 if out.name != "baseline":

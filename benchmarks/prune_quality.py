@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinymodels  # noqa: E402
-from cascadec.runtime import adapters, calibrate, keep  # noqa: E402
-from cascadec.runtime.prune import prune  # noqa: E402
+from cascadec.runtime.surgery import adapters  , calibrate, keep# noqa: E402
+from cascadec.runtime.surgery.prune import prune  # noqa: E402
 from cascadec.shapes import from_hf_config  # noqa: E402
 
 # SmolLM-135M's proportions (9 query / 3 KV heads of 64 -> 3 / 1 here), scaled to train in minutes.

@@ -265,7 +265,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_prune(args, rest) -> int:
-    from .runtime.prune_cmd import main as prune_main
+    from .runtime.surgery.prune_cmd import main as prune_main
 
     return prune_main(rest)
 

@@ -3,7 +3,7 @@ and device-hours. Pure arithmetic on shapes and resolved settings; no I/O, no to
 
 The formulas, their assumptions and what they leave out are written in `docs/plan.md`
 ("Estimates"); `tests/test_estimate.py` checks one long-context stage by hand against that page.
-Memory follows what the runtime does (`runtime/train.py`, `runtime/kd.py`): fp32 master weights
+Memory follows what the runtime does (`runtime/training/train.py`, `runtime/training/kd.py`): fp32 master weights
 with AdamW, bf16 autocast, a teacher replicated on every device, the KD loss in token chunks.
 """
 

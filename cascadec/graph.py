@@ -28,7 +28,7 @@ from .spec import ChildSpec, FamilySpec, Training
 TRAINING_GROUPS = ("optimizer", "schedule", "batch", "checkpoint")
 SLURM_OPTIONS = ("partition", "account", "qos")
 LOCAL = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "none"}
-# Calibration scores each pruning method reads (see runtime/keep.py).
+# Calibration scores each pruning method reads (see runtime/surgery/keep.py).
 SCORES = {"norm_ratio": "norm_ratio", "block_influence": "block_influence", "angular": "angular",
           "pca": "hidden_pca", "channel": "hidden_channel", "activation": "ffn_activation",
           "query": "heads", "kv_groups": "heads"}

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     from .registry import STAGES
-    from .train import on_cpu
+    from .training.train import on_cpu
 
     state = PartialState(cpu=on_cpu())
     if not state.is_main_process:

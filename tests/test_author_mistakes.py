@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 from compilerkit import cascadec
 
-from cascadec import compile as compiler
-from cascadec import source
+from cascadec import compile as compiler, source
 from cascadec.diagnostics import CompileError
 from cascadec.shapes import Shape, config_errors, param_count
 from cascadec.spec import DEFAULT_METHODS

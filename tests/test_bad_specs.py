@@ -16,8 +16,7 @@ import pytest
 import yaml
 from compilerkit import REPO, cascadec, cascadec_subprocess, check_golden
 
-from cascadec import compile as compiler
-from cascadec import source
+from cascadec import compile as compiler, source
 from cascadec.diagnostics import CompileError, render_all
 
 BAD = REPO / "tests" / "bad_specs"

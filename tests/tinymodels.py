@@ -19,7 +19,7 @@ TINY = dict(layers=4, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, voca
 
 
 def tokenizer(vocab: int = TINY["vocab"]):
-    from cascadec.runtime.tokenizer import train_bpe
+    from cascadec.runtime.data.tokenizer import train_bpe
 
     return train_bpe([TEXT], vocab)
 
@@ -68,7 +68,7 @@ def save_model(path: Path, family: str = "mistral", *, seed: int = 0, tied: bool
 
 def stdlib_text(split: str, chars: int) -> str:
     """The first ``chars`` characters of the interpreter's stdlib sources (the runtime's split)."""
-    from cascadec.runtime.data import documents, source_files
+    from cascadec.runtime.data.stream import documents, source_files
 
     out, n = [], 0
     for _, path in source_files({"kind": "builtin", "builtin": "stdlib", "split": split}):
@@ -92,7 +92,7 @@ def trained_model(path: Path, family: str = "llama", *, tied: bool = True, steps
     import torch
     import transformers as tf
 
-    from cascadec.runtime.tokenizer import train_bpe
+    from cascadec.runtime.data.tokenizer import train_bpe
 
     text = stdlib_text("train", train_chars)
     config = hf_config(family, tied=tied, **overrides)

@@ -15,10 +15,10 @@ from transformers import AutoTokenizer, MistralConfig
 from cascadec.shapes import Shape
 
 from ..context import StageContext
-from ..data import documents, source_files
-from ..models import init_model
-from ..tokenizer import train_bpe
-from ..train import on_cpu, train
+from ..data.stream import documents, source_files
+from ..training.models import init_model
+from ..data.tokenizer import train_bpe
+from ..training.train import on_cpu, train
 
 TOKENIZER_CHARS = 20_000_000  # BPE is trained on the first files up to this many characters
 

@@ -1,13 +1,13 @@
 """The `calibrate` stage: scores of a model over calibration batches -> stats.safetensors, summary.json.
 
-A thin reader of the plan's config; the hooks and scores live in runtime/calibrate.py.
+A thin reader of the plan's config; the hooks and scores live in runtime/surgery/calibrate.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..calibrate import calibrate, save
+from ..surgery.calibrate import calibrate, save
 
 
 def run(ctx) -> dict:

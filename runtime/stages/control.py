@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from cascadec.shapes import Shape, from_hf_config, hf_config_updates
 
 from ..context import StageContext
-from ..models import init_model, load_config
-from ..train import train
+from ..training.models import init_model, load_config
+from ..training.train import train
 
 
 def run(ctx: StageContext) -> dict:

@@ -1,7 +1,7 @@
 """The `distill` stage: train a student on a teacher's logits (online, or from a top-k cache).
 
 Owns only what is particular to distillation (which models, where the teacher comes from);
-the loop, the loss and the data are `train.py`, `kd.py` and `data.py`.
+the loop, the loss and the data are `training/train.py`, `training/kd.py` and `data/stream.py`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from ..context import StageContext
-from ..models import load_model
-from ..train import train
+from ..training.models import load_model
+from ..training.train import train
 
 
 def run(ctx: StageContext) -> dict:
@@ -35,6 +35,6 @@ def _teacher_dtype(config: dict):
     """The frozen teacher runs in bf16 where the stage trains in bf16 on a GPU, else fp32."""
     import torch
 
-    from ..train import mixed_precision
+    from ..training.train import mixed_precision
 
     return torch.bfloat16 if mixed_precision(config.get("precision", "fp32")) == "bf16" else torch.float32

@@ -14,8 +14,8 @@ import torch
 import transformers as tf
 
 from ..context import StageContext
-from ..data import open_stream
-from ..models import load_model
+from ..data.stream import open_stream
+from ..training.models import load_model
 
 ROLE = "checkpoint:"
 

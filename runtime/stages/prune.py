@@ -1,15 +1,15 @@
 """The `prune` stage: cut the input model to ``config.target`` -> ``model/`` (a Hugging Face dir).
 
-A thin reader of the plan's config; the choices are runtime/keep.py's, the rewrite runtime/prune.py's.
+A thin reader of the plan's config; the choices are runtime/surgery/keep.py's, the rewrite runtime/surgery/prune.py's.
 """
 
 from __future__ import annotations
 
 from cascadec.shapes import from_hf_config
 
-from ..adapters import read_config
-from ..calibrate import load
-from ..prune import plan_target, prune
+from ..surgery.adapters import read_config
+from ..surgery.calibrate import load
+from ..surgery.prune import plan_target, prune
 
 
 def run(ctx) -> dict:

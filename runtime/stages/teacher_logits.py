@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from ..context import StageContext
-from ..data import Window, open_stream, tokenizer_fingerprint
-from ..models import load_model
-from ..topk_cache import FORMAT, INDEX, ids_digest, value_dtype
-from ..train import decoder_hidden, mixed_precision, on_cpu
+from ..data.stream import Window, open_stream, tokenizer_fingerprint
+from ..training.models import load_model
+from ..training.topk_cache import FORMAT, INDEX, ids_digest, value_dtype
+from ..training.train import decoder_hidden, mixed_precision, on_cpu
 
 BLOCK = 64  # sequences per shard
 CHUNK_TOKENS = 1024  # tokens per head matmul: the full [tokens x vocab] logits never exist

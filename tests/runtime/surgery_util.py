@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tinymodels
 
 import tinymodels  # noqa: E402
-from cascadec.runtime import adapters, calibrate  # noqa: E402
+from cascadec.runtime.surgery import adapters  , calibrate# noqa: E402
 from cascadec.shapes import from_hf_config  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "mistral3")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cascadec.runtime import data as D
+from cascadec.runtime.data import stream as D
 
 
 @pytest.fixture(scope="module")

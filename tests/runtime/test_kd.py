@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascadec.runtime.kd import IGNORE_INDEX, KINDS, LossSpec, Teacher, chunked_loss
+from cascadec.runtime.training.kd import IGNORE_INDEX, KINDS, LossSpec, Teacher, chunked_loss
 
 N, H, HT, V = 23, 8, 6, 37
 

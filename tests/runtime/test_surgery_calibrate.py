@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import surgery_util as su
-from cascadec.runtime import adapters
-from cascadec.runtime.calibrate import SCORES, collect, summarize
+from cascadec.runtime.surgery import adapters
+from cascadec.runtime.surgery.calibrate import SCORES, collect, summarize
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import surgery_util as su
-from cascadec.runtime import keep
-from cascadec.runtime.prune import prune
+from cascadec.runtime.surgery import keep
+from cascadec.runtime.surgery.prune import prune
 
 DEAD = [5, 17, 40, 99]
 
@@ -71,7 +71,7 @@ def test_informed_hidden_cuts_beat_random(tmp_path, monkeypatch):
     source = su.text_source(tmp_path)
     from transformers import AutoTokenizer
 
-    from cascadec.runtime.calibration_text import pack
+    from cascadec.runtime.surgery.calibration_text import pack
 
     tokens = pack(AutoTokenizer.from_pretrained(src), source, samples=8, seq_len=32)
     target = su.shape(src).replace(hidden=32)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 import surgery_util as su
-from cascadec.runtime import prune as prune_mod
-from cascadec.runtime.prune_cmd import main
+from cascadec.runtime.surgery import prune as prune_mod
+from cascadec.runtime.surgery.prune_cmd import main
 from cascadec.runtime.stages import calibrate as calibrate_stage
 from cascadec.runtime.stages import prune as prune_stage
 from cascadec.shapes import param_count

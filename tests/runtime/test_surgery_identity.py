@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import surgery_util as su
-from cascadec.runtime import keep
-from cascadec.runtime.prune import prune
+from cascadec.runtime.surgery import keep
+from cascadec.runtime.surgery.prune import prune
 
 TOL = 1e-5
 

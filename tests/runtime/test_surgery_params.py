@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import surgery_util as su
-from cascadec.runtime import adapters
-from cascadec.runtime.prune import prune
+from cascadec.runtime.surgery import adapters
+from cascadec.runtime.surgery.prune import prune
 from cascadec.shapes import param_count
 
 

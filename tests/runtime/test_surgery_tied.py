@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 import surgery_util as su
 import tinymodels
-from cascadec.runtime import adapters, calibrate, keep, reconstruction
-from cascadec.runtime.prune import new_config, prune
-from cascadec.runtime.prune_cmd import main
+from cascadec.runtime.surgery import adapters, calibrate, keep, reconstruction
+from cascadec.runtime.surgery.prune import new_config, prune
+from cascadec.runtime.surgery.prune_cmd import main
 
 SHAPE = dict(layers=4, hidden=96, ffn=256, heads=6, kv_heads=2, head_dim=16, vocab=512)
 
@@ -107,7 +107,7 @@ def test_a_checkpoint_transformers_refuses_is_never_left_behind(tmp_path, monkey
     def broken(config, *args):
         return {**new_config(config, *args), "num_attention_heads": 5}
 
-    monkeypatch.setattr("cascadec.runtime.prune.new_config", broken)
+    monkeypatch.setattr("cascadec.runtime.surgery.prune.new_config", broken)
     with pytest.raises(keep.SurgeryError, match=r"does not load with from_pretrained: .*The hidden size \(48\) is not a multiple "
                        r"of the number of attention heads \(5\)"):
         prune(src, tmp_path / "out", stats=su.stats(src), target=su.shape(src).replace(hidden=48),

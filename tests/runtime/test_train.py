@@ -21,9 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, modeling_utils
 
 from cascadec.runtime import executor
 from cascadec.runtime.stages import bootstrap, control, distill, teacher_logits
-from cascadec.runtime import train as train_module
-from cascadec.runtime.data import tokenizer_fingerprint
-from cascadec.runtime.train import lr_factor
+from cascadec.runtime.training import train as train_module
+from cascadec.runtime.data.stream import tokenizer_fingerprint
+from cascadec.runtime.training.train import lr_factor
 
 PY = sys.executable
 

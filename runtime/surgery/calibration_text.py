@@ -1,6 +1,6 @@
 """Calibration tokens: a plan data source (text, jsonl, or the interpreter's stdlib), packed.
 
-Owns packing a small calibration set; file discovery and document reading are runtime/data.py's
+Owns packing a small calibration set; file discovery and document reading are runtime/data/stream.py's
 (the same sorted file order and readers as training), so this module must not re-implement them.
 """
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .data import documents, source_files
+from ..data.stream import documents, source_files
 
 # With no calibration data given: the running interpreter's standard-library ``.py`` sources,
-# in data.py's deterministic sorted order (site-packages excluded). Every Python install
+# in data/stream.py's deterministic sorted order (site-packages excluded). Every Python install
 # carries them, so calibration works offline; the scores are then those of code text.
 BUILTIN = {"kind": "builtin", "builtin": "stdlib"}
 

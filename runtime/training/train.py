@@ -25,8 +25,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .context import StageContext
-from .data import (DataPosition, Window, copy_tokenizer_files, micro_batches, open_stream, per_process,
+from ..context import StageContext
+from ..data.stream import (DataPosition, Window, copy_tokenizer_files, micro_batches, open_stream, per_process,
                    tokenizer_fingerprint)
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
 from .topk_cache import TopKCache

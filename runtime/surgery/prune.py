@@ -19,7 +19,7 @@ from cascadec.shapes import Shape, from_hf_config, hf_config_updates, param_coun
 
 from . import keep as keeping
 from .adapters import MISTRAL3_PROJECTOR, Adapter, for_config, read_config
-from .checkpoint import DEFAULT_SHARD_BYTES, Reader, ShardWriter, atomic_dir, copy_side_files
+from ..checkpoint import DEFAULT_SHARD_BYTES, Reader, ShardWriter, atomic_dir, copy_side_files
 from .keep import Basis, Keep, SurgeryError
 from .reconstruction import WARN_KL, verify
 

@@ -1,0 +1,1 @@
+"""Structured pruning: calibration scores, what to keep, the checkpoint rewrite, its check."""

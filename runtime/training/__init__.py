@@ -1,0 +1,1 @@
+"""The training loop, its distillation losses, the teacher-logits cache format, model loading."""
