@@ -68,7 +68,7 @@ def save_model(path: Path, family: str = "mistral", *, seed: int = 0, tied: bool
 
 def stdlib_text(split: str, chars: int) -> str:
     """The first ``chars`` characters of the interpreter's stdlib sources (the runtime's split)."""
-    from cascadec.runtime.data.stream import documents, source_files
+    from cascadec.runtime.data.readers import documents, source_files
 
     out, n = [], 0
     for _, path in source_files({"kind": "builtin", "builtin": "stdlib", "split": split}):

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, MistralConfig
 from cascadec.shapes import Shape
 
 from ..context import StageContext
-from ..data.stream import documents, source_files
+from ..data.readers import documents, source_files
 from ..training.models import init_model
 from ..data.tokenizer import train_bpe
 from ..training.train import on_cpu, train

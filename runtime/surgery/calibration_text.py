@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.stream import documents, source_files
+from ..data.readers import documents, source_files
 
 # With no calibration data given: the running interpreter's standard-library ``.py`` sources,
 # in data/stream.py's deterministic sorted order (site-packages excluded). Every Python install
