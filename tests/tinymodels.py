@@ -71,8 +71,9 @@ def stdlib_text(split: str, chars: int) -> str:
     from cascadec.runtime.data.readers import documents, source_files
 
     out, n = [], 0
-    for _, path in source_files({"kind": "builtin", "builtin": "stdlib", "split": split}):
-        text = next(documents(path, "builtin"))
+    source = {"kind": "builtin", "builtin": "stdlib", "split": split}
+    for _, path in source_files(source):
+        text = next(documents(path, source))
         out.append(text)
         n += len(text)
         if n >= chars:

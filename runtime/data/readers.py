@@ -63,8 +63,10 @@ def _builtin_files(source: dict) -> list[tuple[str, Path]]:
     return [(rel, path) for _, rel, path in sorted(out)]
 
 
-def documents(path: Path, kind: str, field: str = "text") -> Iterator[str]:
-    """Texts of one file: the whole file (text, builtin) or ``field`` of each jsonl line."""
+def documents(path: Path, source: dict) -> Iterator[str]:
+    """Texts of one unit of ``source`` (a file from ``source_files``): the whole file (text,
+    builtin) or the ``field`` of each jsonl record."""
+    kind, field = source.get("kind", "text"), source.get("field") or "text"
     raw = path.read_bytes().decode("utf-8", errors="replace")
     if kind != "jsonl":
         yield raw

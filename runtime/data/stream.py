@@ -119,7 +119,7 @@ def tokenize_file(path: Path, source: dict, tokenizer, fingerprint: str, cache: 
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; documents could not be separated")
     ids: list[int] = []
-    for encoded in tokenizer(list(documents(path, kind, field)), add_special_tokens=False)["input_ids"]:
+    for encoded in tokenizer(list(documents(path, source)), add_special_tokens=False)["input_ids"]:
         ids.extend(encoded)
         ids.append(eos)
     shard.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def tokenizer_for(ctx: StageContext, vocab: int) -> Path:
 def _train_tokenizer(ctx: StageContext, vocab: int, path: Path) -> None:
     source, texts, chars = ctx.source(), [], 0
     for _, file in source_files(source):
-        for text in documents(file, source.get("kind", "text"), source.get("field") or "text"):
+        for text in documents(file, source):
             texts.append(text)
             chars += len(text)
         if chars >= TOKENIZER_CHARS:

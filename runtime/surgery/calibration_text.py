@@ -29,7 +29,7 @@ def pack(tokenizer, source: dict | None, *, samples: int, seq_len: int, offset: 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for _, path in source_files(source):
-        for text in documents(path, source["kind"], source.get("field") or "text"):
+        for text in documents(path, source):
             ids += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
         if len(ids) >= need:
             break
