@@ -238,7 +238,7 @@ def cmd_status(args) -> int:
         return EXIT_ERRORS
     plan, spec = loaded
     try:
-        lines = workspace.status_lines(plan, _workdir(args, plan))
+        lines = workspace.status_lines(plan, _workdir(args, plan), os.path.dirname(os.path.abspath(spec)))
     except workspace.WorkspaceError as e:
         _err(str(e))
         return EXIT_ERRORS

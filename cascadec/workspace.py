@@ -9,14 +9,22 @@ It reads the workspace and writes nothing but manifests; running stages is `runt
     WORKDIR/stages/.tmp-<safe id>-<pid>/    outputs being written (renamed into place)
     WORKDIR/scratch/<id>/                   step checkpoints of an unfinished stage
     WORKDIR/cache/                          tokenised data shared by all stages
+    WORKDIR/cache/digests.sqlite            (path, size, mtime_ns) -> sha256 of data files
+
+A stage that reads data files records each file's sha256 in its manifest (`data_files`); it is
+out of date when one of them changes, and `status` names the file. Deciding that nothing
+changed costs one `stat` per file: a file is re-read only when its (size, mtime_ns) moved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import re
+import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -36,6 +44,7 @@ CONFIG_CHANGED = "config changed"
 INPUT_CHANGED = "input changed"
 OUTPUT_MODIFIED = "output modified"
 UP_TO_DATE = "up to date"
+DIGESTS = "cache/digests.sqlite"
 
 
 class WorkspaceError(Exception):
@@ -249,6 +258,103 @@ def input_hashes(stage: dict, workdir: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- data files
+
+
+def resolve_source(source: dict, base_dir: Path) -> dict:
+    """A plan data source with its `paths` globs expanded (relative to ``base_dir``, sorted)."""
+    patterns = source.get("paths") or []
+    files = sorted({Path(f) for p in patterns for f in glob.glob(str(Path(base_dir) / p), recursive=True)})
+    return {**source, "paths": files}
+
+
+def data_files(plan: dict, name: str, base_dir: Path) -> list[tuple[str, Path]]:
+    """(stable name, path) of every file data source ``name`` reads, in reading order; a mix
+    lists its sources' files, each name prefixed by its source (`web:shard-0.jsonl`).
+
+    The listing is the readers' (`runtime/data/readers.py`, imported here lazily: it needs no
+    torch), so `status` and the runtime agree on which files a source is."""
+    from .runtime.data.readers import source_files
+
+    source = (plan.get("data") or {}).get(name)
+    if not isinstance(source, dict):
+        raise WorkspaceError(f"data {name!r} is not in the plan")
+    if source.get("kind") == "mix":
+        return [(f"{part}:{stable}", path) for part in sorted(source.get("mix") or {})
+                for stable, path in data_files(plan, part, base_dir)]
+    resolved = resolve_source(source, base_dir)
+    if source.get("paths") and not resolved["paths"]:
+        raise WorkspaceError(f"data {name!r}: no file matches {', '.join(source['paths'])} in {base_dir}")
+    return source_files(resolved)
+
+
+class Digests:
+    """sha256 of data files, cached in `WORKDIR/cache/digests.sqlite` under (path, size,
+    mtime_ns): the trade `hash_outputs` makes (a rewrite that keeps both goes unnoticed), so
+    deciding that nothing changed in a corpus is one `stat` per file, and a changed or new file
+    is read once. SQLite, not JSON: a corpus of a million files is one small indexed table that
+    concurrent stages may share. The table is opened on first use and only in a workspace that
+    exists (a dry run of a new workspace creates nothing); a read-only one only loses the cache."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.memo, self._db = Path(workdir), {}, False
+
+    @property
+    def db(self) -> sqlite3.Connection | None:
+        if self._db is False:
+            self._db = None
+            if self.workdir.is_dir():
+                try:
+                    (self.workdir / DIGESTS).parent.mkdir(exist_ok=True)
+                    self._db = sqlite3.connect(self.workdir / DIGESTS, timeout=30)
+                    self._db.execute("CREATE TABLE IF NOT EXISTS digests "
+                                     "(path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)")
+                except (OSError, sqlite3.Error):
+                    self._db = None
+        return self._db
+
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self.memo:
+            return self.memo[key]
+        row = None
+        if self.db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                row = self.db.execute("SELECT sha256 FROM digests WHERE path = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+        digest = row[0] if row else _sha256(path)
+        if row is None and self.db is not None:
+            with contextlib.suppress(sqlite3.Error), self.db:
+                self.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (*key, digest))
+        self.memo[key] = digest
+        return digest
+
+    def files(self, plan: dict, name: str, base_dir: Path) -> dict[str, str]:
+        """{stable name: sha256} of every file of data source ``name``."""
+        try:
+            return {stable: self.sha256(path) for stable, path in data_files(plan, name, base_dir)}
+        except (OSError, ValueError) as e:  # a source whose files cannot be listed or read
+            raise WorkspaceError(f"data {name!r}: {e}") from None
+
+
+def data_names(stage: dict) -> list[str]:
+    """The data sources a stage reads files of (its `data` inputs), sorted."""
+    return sorted({inp["data"] for inp in stage.get("inputs", []) if "data" in inp})
+
+
+def data_changes(old: dict, new: dict) -> list[str]:
+    """`data 'web': a.jsonl changed` lines between two {name: {file: sha256}} records."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name) or {}, new.get(name) or {}
+        for f in sorted(set(before) | set(after)):
+            if before.get(f) != after.get(f):
+                what = "added" if f not in before else "removed" if f not in after else "changed"
+                out.append(f"data {name!r}: {f} {what}")
+    return out
+
+
 # ---------------------------------------------------------------- the verdict
 
 
@@ -265,14 +371,16 @@ def _names(items: list[str], most: int = 3) -> str:
     return ", ".join(items[:most]) + more
 
 
-def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = frozenset(), forced: bool = False) -> Verdict:
+def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = frozenset(), forced: bool = False,
+             plan: dict | None = None, base_dir: Path | None = None, digests: Digests | None = None) -> Verdict:
     """Decide whether one stage runs, given ``pending``: the earlier stages that will run first.
 
     In order: an unreadable manifest; no manifest (new, or interrupted when a scratch/temp
     directory of this stage hash is left); --force; a different stage hash (config changed when
     the stage's own kind/config/launch differ from the manifest's, else input changed); an
     upstream stage that reruns or whose outputs differ from those this stage was built from;
-    an output file whose sha256 changed or that was added or removed; else up to date.
+    a data file whose sha256 differs from the manifest's `data_files` (checked when ``plan`` and
+    ``base_dir`` are given, where the data globs are relative to); an output file whose sha256 changed or that was added or removed; else up to date.
     """
     sid = stage["id"]
     try:
@@ -301,6 +409,15 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
             old, new = ({i.get("role"): i for i in m} for m in (manifest["inputs"] or [], stage.get("inputs", [])))
             moved = [f"input {r!r}" for r in sorted(set(old) | set(new), key=str) if old.get(r) != new.get(r)]
         return Verdict(RUN, INPUT_CHANGED, f"{_names(moved)} changed" if moved else "")
+    if plan is not None and base_dir is not None and data_names(stage) and manifest.get("data_files") is not None:
+        digests = digests or Digests(workdir)
+        try:
+            now_files = {name: digests.files(plan, name, base_dir) for name in data_names(stage)}
+        except WorkspaceError as e:
+            return Verdict(RUN, INPUT_CHANGED, str(e))
+        changes = data_changes(manifest["data_files"], now_files)
+        if changes:
+            return Verdict(RUN, INPUT_CHANGED, _names(changes))
     where = stage_dir(workdir, sid)
     hashes, stats = hash_outputs(where, stage, manifest)
     recorded = manifest["outputs"]
@@ -315,21 +432,25 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
     return Verdict(SKIP, UP_TO_DATE, manifest=manifest, fresh_stats=fresh)
 
 
-def plan_verdicts(plan: dict, workdir: Path, *, force: set[str] | frozenset = frozenset()) -> dict[str, Verdict]:
-    """Every stage's verdict, predicting that a stage downstream of one that runs runs too."""
+def plan_verdicts(plan: dict, workdir: Path, *, force: set[str] | frozenset = frozenset(),
+                  base_dir: Path | None = None) -> dict[str, Verdict]:
+    """Every stage's verdict, predicting that a stage downstream of one that runs runs too.
+    ``base_dir``: what the plan's data globs are relative to; None skips the data-file check."""
     verdicts: dict[str, Verdict] = {}
+    digests = Digests(workdir) if base_dir is not None else None
     for st in validate_plan(plan):
         pending = {sid for sid, v in verdicts.items() if v.state == RUN}
-        verdicts[st["id"]] = evaluate(st, workdir, pending=pending, forced=st["id"] in force)
+        verdicts[st["id"]] = evaluate(st, workdir, pending=pending, forced=st["id"] in force,
+                                      plan=plan, base_dir=base_dir, digests=digests)
     return verdicts
 
 
-def status_table(plan: dict, workdir: Path) -> list[dict]:
+def status_table(plan: dict, workdir: Path, base_dir: Path | None = None) -> list[dict]:
     """One row per stage for `cascadec status`: {stage, kind, state, why, detail}.
 
     Raises WorkspaceError for a plan the executor could not run; a corrupt manifest is a row.
     """
-    verdicts = plan_verdicts(plan, workdir)
+    verdicts = plan_verdicts(plan, workdir, base_dir=base_dir)
     rows = []
     for st in plan["stages"]:
         v = verdicts[st["id"]]
@@ -337,12 +458,12 @@ def status_table(plan: dict, workdir: Path) -> list[dict]:
     return rows
 
 
-def status_lines(plan: dict, workdir: Path) -> list[str]:
+def status_lines(plan: dict, workdir: Path, base_dir: Path | None = None) -> list[str]:
     """What `cascadec status` prints: one `format_row` line per stage, then a count.
 
     Raises WorkspaceError for a plan the executor could not run (print it as `error: ...`).
     """
-    rows = status_table(plan, workdir)
+    rows = status_table(plan, workdir, base_dir)
     width = max((len(r["stage"]) for r in rows), default=0)
     todo = sum(r["state"] == RUN for r in rows)
     return [format_row(r, width) for r in rows] + [summary(todo, len(rows) - todo, done=False)]

@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import fcntl
 import fnmatch
-import glob
 import json
 import os
 import platform
@@ -36,8 +35,10 @@ from cascadec.workspace import (
     MANIFEST,
     RUN,
     SCRATCH_MARK,
+    Digests,
     WorkspaceError,
     atomic_write_json,
+    data_names,
     evaluate,
     format_row,
     hash_outputs,
@@ -47,6 +48,7 @@ from cascadec.workspace import (
     scratch_dir,
     scratch_hash,
     stage_dir,
+    resolve_source,
     summary,
     temp_dir,
     validate_plan,
@@ -90,9 +92,11 @@ def run_plan(
             raise WorkspaceError(refusal)
         width = max((len(s["id"]) for s in stages), default=0)
         ran, pending = 0, set()
+        digests = Digests(workdir)
         with contextlib.nullcontext() if dry_run else workspace_lock(workdir):
             for st in stages:
-                v = evaluate(st, workdir, pending=pending, forced=st["id"] in forced)
+                v = evaluate(st, workdir, pending=pending, forced=st["id"] in forced,
+                             plan=plan, base_dir=base_dir, digests=digests)
                 out(format_row({"stage": st["id"], "state": v.state, "why": v.why, "detail": v.detail}, width))
                 if v.state != RUN:
                     if v.fresh_stats and not dry_run:
@@ -100,7 +104,7 @@ def run_plan(
                 elif dry_run:
                     pending.add(st["id"])
                 else:
-                    run_stage(plan, st, workdir, base_dir, out)
+                    run_stage(plan, st, workdir, base_dir, out, digests)
                 ran += v.state == RUN
         out(summary(ran, len(stages) - ran, done=not dry_run))
         if refusal:  # a dry run still answers its question (0/2); it says what a real run would refuse
@@ -157,7 +161,7 @@ def workspace_lock(workdir: Path):
         os.close(fd)  # releases the flock
 
 
-def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print) -> None:
+def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print, digests: Digests | None = None) -> None:
     """Run one stage into a temporary directory and store its outputs and manifest.
 
     Raises WorkspaceError naming the stage when it fails; the previous outputs are untouched,
@@ -165,6 +169,10 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print)
     """
     sid = stage["id"]
     inputs, data = resolve_inputs(plan, stage, workdir, base_dir)
+    # The data files' digests are taken before the stage reads them: a file edited while the
+    # stage runs leaves it out of date, never recorded as read.
+    digests = digests or Digests(workdir)
+    files = {name: digests.files(plan, name, base_dir) for name in data_names(stage)}
     for old in leftovers(workdir, sid):
         shutil.rmtree(old, ignore_errors=True)
     scratch = scratch_dir(workdir, sid)
@@ -192,7 +200,7 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print)
             why = str(e) or type(e).__name__
             raise WorkspaceError(f"stage {sid} failed: {why} (traceback in scratch/{sid}/traceback.txt)") from e
         try:
-            _store(workdir, sid, tmp, _manifest(stage, workdir, tmp, metrics, time.monotonic() - started))
+            _store(workdir, sid, tmp, _manifest(stage, workdir, tmp, metrics, time.monotonic() - started, files))
         except OSError as e:
             raise WorkspaceError(
                 f"could not store the outputs of stage {sid}: {e}; its previous outputs are unchanged"
@@ -234,11 +242,9 @@ def resolve_inputs(plan: dict, stage: dict, workdir: Path, base_dir: Path) -> tu
             source = plan.get("data", {}).get(inp["data"])
             if not isinstance(source, dict):
                 raise WorkspaceError(f"stage {sid}: data {inp['data']!r} is not in the plan")
-            patterns = source.get("paths") or []
-            files = sorted({Path(f) for p in patterns for f in glob.glob(str(base_dir / p), recursive=True)})
-            if patterns and not files:
-                raise WorkspaceError(f"stage {sid}: data {inp['data']!r}: no file matches {', '.join(patterns)} in {base_dir}")
-            data[inp["data"]] = {**source, "paths": files}
+            data[inp["data"]] = resolved = resolve_source(source, base_dir)
+            if source.get("paths") and not resolved["paths"]:
+                raise WorkspaceError(f"stage {sid}: data {inp['data']!r}: no file matches {', '.join(source['paths'])} in {base_dir}")
         else:
             raise WorkspaceError(f"stage {sid}: input {role!r} names no stage, model or data")
     return inputs, data
@@ -316,9 +322,10 @@ def _versions() -> dict:
     return found
 
 
-def _manifest(stage: dict, workdir: Path, tmp: Path, metrics: dict, seconds: float) -> dict:
+def _manifest(stage: dict, workdir: Path, tmp: Path, metrics: dict, seconds: float, data_files: dict) -> dict:
     hashes, stats = hash_outputs(tmp, stage)
     return {
+        "data_files": data_files,
         "stage": stage["id"],
         "hash": stage["hash"],
         "kind": stage["kind"],

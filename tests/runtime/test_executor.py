@@ -338,3 +338,45 @@ def test_launch_command():
     assert not executor.needs_launcher(stage("a"))
     with pytest.raises(ws.WorkspaceError, match="submit the scripts from `cascadec plan --emit DIR`"):
         executor.launch_command(stage("a", launch={"devices": 8, "launcher": "slurm"}), Path("c"))
+
+
+def test_editing_one_data_file_reruns_exactly_the_stages_that_read_it(calls, monkeypatch, tmp_path):
+    """Issue 8, content in "up to date": a stage's data files are part of its inputs (size and
+    mtime first, sha256 when they moved); `status` names the file; nothing unchanged is re-read."""
+    base, work = tmp_path / "spec", tmp_path / "work"
+
+    def cat(ctx):  # its output is its data, as a tokenize stage's is
+        calls.append(ctx.stage["id"])
+        ctx.out.joinpath("out").mkdir()
+        ctx.out.joinpath("out", "f").write_text("".join(p.read_text() for d in ctx.data.values() for p in d["paths"]))
+
+    monkeypatch.setitem(registry.STAGES, "cat", cat)
+    for rel in ("a/1.txt", "a/2.txt", "b/1.txt"):
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_text(f"text of {rel}")
+    plan = plan_of(stage("read-a", kind="cat", inputs=[{"role": "data", "data": "A"}]),
+                   stage("read-b", kind="cat", inputs=[{"role": "data", "data": "B"}]), stage("after-a", ["read-a"]))
+    plan["data"] = {"A": {"kind": "text", "paths": ["a/*.txt"]}, "B": {"kind": "text", "paths": ["b/*.txt"]}}
+    assert executor.run_plan(plan, work, base, out=lambda line: None) == 0
+    manifest = ws.read_manifest(work, "read-a")
+    two = str((base / "a/2.txt").resolve())
+    assert manifest["data_files"]["A"][two] == hashlib.sha256(b"text of a/2.txt").hexdigest()
+
+    reads = []
+    real = ws._sha256
+    monkeypatch.setattr(ws, "_sha256", lambda p: reads.append(Path(p).name) or real(p))
+    assert ws.status_lines(plan, work, base)[-1] == "0 to run, 3 up to date."
+    assert reads == []  # (size, mtime_ns) unchanged: no data file was read again
+
+    (base / "a/2.txt").write_text("edited text of a/2.txt")
+    assert [line.split()[:2] for line in ws.status_lines(plan, work, base)[:3]] == [
+        ["run", "read-a"], ["skip", "read-b"], ["run", "after-a"]]
+    assert f"(input changed: data 'A': {two} changed)" in ws.status_lines(plan, work, base)[0]
+    assert reads == ["2.txt"]  # the edited file only, once (cached on disk by its new mtime)
+    calls.clear()
+    lines = []
+    assert executor.run_plan(plan, work, base, out=lines.append) == 0
+    assert calls == ["read-a", "after-a"]
+    assert ws.status_lines(plan, work, base)[-1] == "0 to run, 3 up to date."
+    (base / "b/2.txt").write_text("a new file")
+    assert ws.status_lines(plan, work, base)[1].endswith(f"(input changed: data 'B': {(base / 'b/2.txt').resolve()} added)")
