@@ -3,8 +3,9 @@
     accelerate launch --num_processes 2 -m cascadec.runtime.stage_main --ctx-json CTX.json
 
 CTX.json holds the `StageContext` fields (``stage``, ``inputs``, ``data``, ``out``, ``scratch``,
-``cache``) and ``result``, the file the main process writes the stage's metrics to. Every
-process runs the same stage function; Accelerate tells each one its rank.
+``cache``) and ``result``, the file the main process writes the stage's metrics to (or
+``{"preempted_at_step": N}`` when it stopped on request, see preempt.py). Every process runs the
+same stage function; Accelerate tells each one its rank.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+from . import preempt
 from .context import StageContext
+
+PREEMPTED = "preempted_at_step"  # the result's one key when the stage stopped on request
 
 
 def load_context(path: Path) -> tuple[StageContext, Path | None]:
@@ -43,7 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     state = PartialState(cpu=on_cpu())
     if not state.is_main_process:
         ctx.log = lambda msg: None
-    metrics = STAGES[ctx.stage["kind"]](ctx)
+    preempt.install()
+    try:
+        metrics = STAGES[ctx.stage["kind"]](ctx)
+    except preempt.Preempted as e:  # every rank stops at the same step; the executor requeues
+        metrics = {PREEMPTED: e.step}
     if state.is_main_process and result is not None:
         tmp = result.with_suffix(".tmp")
         tmp.write_text(json.dumps(metrics, default=float, indent=2))

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .. import preempt
 from ..context import StageContext
 from ..data.stream import (DataPosition, Window, copy_tokenizer_files, micro_batches, open_stream, per_process,
                    tokenizer_fingerprint)
@@ -173,8 +174,11 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         _log_metrics(accelerator, metrics_file, record)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
         bar.update(1)
-        if _due(position.step, window.steps, ckpt_cfg):
+        stop = position.step < window.steps and _agreed(accelerator, preempt.requested(ctx.scratch))
+        if stop or _due(position.step, window.steps, ckpt_cfg):
             _save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)))
+        if stop:  # SIGUSR1 before a Slurm time limit: the requeued job resumes here (runtime/preempt.py)
+            raise preempt.Preempted(position.step)
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
@@ -263,6 +267,14 @@ def _clip(accelerator, objective, grad_clip) -> float | None:
 def _due(step: int, steps: int, ckpt_cfg: dict) -> bool:
     every = int(ckpt_cfg.get("every_steps") or 0)
     return every > 0 and step % every == 0 and step < steps
+
+
+def _agreed(accelerator, asked: bool) -> bool:
+    """True on every rank when any rank was asked to stop: all must checkpoint the same step."""
+    if accelerator.num_processes == 1:
+        return asked
+    flag = torch.tensor(float(asked), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
 
 
 def _checkpoint_dir(ctx: StageContext, accelerator) -> Path:

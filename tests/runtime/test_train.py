@@ -207,3 +207,42 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_models, corpus,
     a, b = weights(one.out), weights(tmp_path / "two" / "out")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# Stop on request (SIGUSR1 before a Slurm time limit): step checkpoint, stop, resume equal
+
+
+def test_a_stop_file_checkpoints_stops_and_the_rerun_resumes_equal(tiny_models, corpus, tmp_path):
+    from cascadec.runtime import preempt
+
+    reference = context(tmp_path / "ref", stage(), dict(tiny_models), corpus, cache=tmp_path / "cache")
+    distill.run(reference)
+    ctx = context(tmp_path / "run", stage(checkpoint={"every_steps": 4, "keep": 2}), dict(tiny_models), corpus,
+                  cache=tmp_path / "cache")
+    ctx.scratch.mkdir(parents=True)
+    (ctx.scratch / preempt.STOP_FILE).write_text("")  # as the executor leaves it on SIGUSR1
+    with pytest.raises(preempt.Preempted, match="after its step checkpoint of step 1$"):
+        distill.run(ctx)
+    assert sorted(p.name for p in (ctx.scratch / "checkpoints").iterdir()) == ["step-00000001"]  # not a due step
+    preempt.clear(ctx.scratch)
+    assert distill.run(ctx)["resumed_from_step"] == 1
+    a, b = weights(reference.out), weights(ctx.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(reference.out) == losses(ctx.out)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_a_launched_stage_writes_a_checkpoint_and_reports_the_step(tiny_models, corpus, tmp_path):
+    st = stage(steps=120, checkpoint={"every_steps": 1000, "keep": 2})
+    ctx_json = _ctx_json(tmp_path / "run", st, tiny_models, corpus, tmp_path / "cache")
+    metrics = tmp_path / "run" / "scratch" / "metrics.jsonl"
+    proc = subprocess.Popen([PY, *STAGE_MAIN, str(ctx_json)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    step = json.loads((tmp_path / "run" / "result.json").read_text())["preempted_at_step"]
+    assert 2 <= step < 120
+    assert [p.name for p in (tmp_path / "run" / "scratch" / "checkpoints").iterdir()] == [f"step-{step:08d}"]
