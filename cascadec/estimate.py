@@ -18,7 +18,12 @@ TRAINING = ("bootstrap", "control", "distill", "sft", "dpo", "odpo", "grpo")
 PASSES = {"dpo": 4, "odpo": 5, "grpo": 5, **{k: 3 for k in ("bootstrap", "control", "distill", "sft")}}
 STATE_BYTES = {"weights": 4, "grads": 4, "optimizer": 8}  # fp32 master weights, fp32 grads, Adam m and v
 TEACHER_LOGITS_CHUNK = 1024  # tokens per head matmul in `runtime/stages/teacher_logits.py`
-EVAL_BATCH = 8  # sequences per forward in `runtime/stages/eval.py`
+EVAL_TOKENS = 16384  # tokens per device per forward of the eval stage (its `micro_batch` in sequences)
+
+
+def eval_batch(seq_len: int) -> int:
+    """Sequences per forward of an eval stage: about EVAL_TOKENS tokens, at least one sequence."""
+    return max(1, EVAL_TOKENS // seq_len)
 
 
 def attention_width(s: Shape) -> int:
@@ -86,7 +91,7 @@ def memory(kind: str, *, shape: Shape | None, n: int, micro_batch: int, seq_len:
     # forward-only stages: weights, one layer's working set, and the logits the stage computes
     parts["weights"] = act_bytes * n
     parts["activations"] = tokens * per_layer + final_hidden
-    logit_rows = min(TEACHER_LOGITS_CHUNK, tokens) if kind == "teacher-logits" else tokens
+    logit_rows = min(TEACHER_LOGITS_CHUNK if kind == "teacher-logits" else chunk_tokens, tokens)
     parts["logits"] = (act_bytes + 4) * logit_rows * shape.vocab if kind != "calibrate" else 0
     return parts
 

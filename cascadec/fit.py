@@ -8,7 +8,7 @@ impossible blocks a plan:
   CSC242 warning  the estimate as the runtime runs the stage (sharding, activations, teacher,
                   loss buffers) exceeds it: an estimate, not a measurement, so it warns, with the
                   breakdown and the change that helps most.
-Only stages whose resources the spec sets are checked (training, teacher-logits, calibrate). Pure.
+Only stages whose resources the spec sets are checked (training, teacher-logits, calibrate, eval). Pure.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import estimate
 from .diagnostics import Diagnostic
 from .source import Document
 
-CHECKED = (*estimate.TRAINING, "teacher-logits", "calibrate")
+CHECKED = (*estimate.TRAINING, "teacher-logits", "calibrate", "eval")
 CODES = ("CSC241", "CSC242")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import resolve
+from . import estimate, resolve
 from .shapes import Shape, param_count
 from .source import where
 from .spec import ChildSpec, FamilySpec, Training
@@ -314,12 +314,21 @@ class Builder:
     def eval(self, owner: str, names: list[str]) -> str:
         sid = resolve.stage_id("eval", owner)
         ev = self.spec.eval
+        s = self.spec.defaults
+        launch, prov = _launch(s)
+        nodes = max(1, launch["nodes"])  # one node's devices: replicas need no second node
+        launch.update(devices=max(1, launch["devices"] // nodes), nodes=1, strategy="none")
+        prov.update({"launch.devices": f"one node of {prov['launch.devices']}", "launch.nodes": "eval runs on one node",
+                     "launch.strategy": "eval replicates the model on each device"})
         self.add({"id": sid, "kind": "eval",
                   "inputs": [self.checkpoint(f"checkpoint:{n}", n) for n in names] + [{"role": "data", "data": ev.data}],
                   "outputs": [_path(sid, "eval.json")],
                   "config": {"data": {"name": ev.data, "offset": 0}, "tokens": ev.tokens, "seq_len": ev.seq_len,
-                             "checkpoints": names},
-                  "launch": dict(LOCAL), "provenance": {}, "_n": param_count(self.shapes[owner]),
+                             "checkpoints": names, "precision": s["resources.precision"],
+                             "micro_batch": estimate.eval_batch(ev.seq_len), "chunk_tokens": s["loss.chunk_tokens"]},
+                  "launch": launch, "provenance": {**prov, "config.precision": s.provenance["resources.precision"],
+                                                   "config.chunk_tokens": s.provenance["loss.chunk_tokens"]},
+                  "_n": param_count(self.shapes[owner]),
                   "_tokens": ev.tokens * len(names), "_shape": self.shapes[owner], "_budget": self.budget(),
                   "_at": ev.at})
         return sid

@@ -43,12 +43,12 @@ def _estimate(stage: dict, hardware) -> dict:
     seq_len = cfg.get("seq_len", 0)
     total, attention = estimate.flops(kind, n=n, shape=shape, tokens=tokens, seq_len=seq_len,
                                       n_teacher=n_teacher, teacher=teacher)
-    micro = {"calibrate": cfg.get("batch_size"), "eval": estimate.EVAL_BATCH}.get(kind, cfg.get("micro_batch"))
+    micro = cfg.get("batch_size") if kind == "calibrate" else cfg.get("micro_batch")
     parts = estimate.memory(kind, shape=shape, n=n, micro_batch=micro or 1, seq_len=seq_len,
                             devices=launch["devices"], strategy=launch["strategy"],
-                            precision=cfg.get("precision", "fp32"),  # eval loads fp32 weights
+                            precision=cfg.get("precision", "fp32"),
                             checkpointing=bool(cfg.get("activation_checkpointing")),
-                            chunk_tokens=(cfg.get("loss") or {}).get("chunk_tokens") or 1024,
+                            chunk_tokens=(cfg.get("loss") or {}).get("chunk_tokens") or cfg.get("chunk_tokens") or 1024,
                             teacher=teacher, n_teacher=n_teacher)
     return {
         "tokens": tokens,

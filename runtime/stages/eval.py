@@ -2,6 +2,13 @@
 
 All checkpoints of a family share the root's tokenizer (pruning copies it), so every figure
 is the mean cross-entropy over the very same held-out tokens and the numbers compare directly.
+
+On the device, in the plan's precision, without full logits: each process (``launch.devices``
+of them, started by the executor like a training stage) loads the checkpoint in the plan's
+dtype, runs the decoder over its share of the packed sequences (sequence i goes to process
+i mod world), and applies the LM head in chunks of ``chunk_tokens`` rows (`training/kd.py:
+nll_sum`); the summed loss and token counts are added over processes. The result does not
+depend on the number of processes beyond float summation order.
 """
 
 from __future__ import annotations
@@ -15,46 +22,76 @@ import transformers as tf
 
 from ..context import StageContext
 from ..data.stream import open_stream
+from ..training.kd import nll_sum
 from ..training.models import load_model
+from ..training.train import decoder_hidden, next_token_labels, on_cpu
 
 ROLE = "checkpoint:"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @torch.no_grad()
-def heldout_loss(model, stream, tokens: int, seq_len: int, batch: int = 8) -> tuple[float, int]:
+def heldout_loss(model, stream, tokens: int, seq_len: int, *, batch: int = 8, chunk_tokens: int = 1024,
+                 rank: int = 0, world: int = 1, device=None, reduce=None) -> tuple[float, int]:
     """Mean next-token cross-entropy over the first ``tokens // seq_len`` packed sequences.
 
-    Returns (loss in nats per predicted token, predicted tokens). Every sequence contributes
+    Returns (loss in nats per predicted token, predicted tokens), summed over all processes
+    through ``reduce`` (a sum over processes; None for one process). Every sequence contributes
     ``seq_len - 1`` predictions; nothing is padded.
     """
-    n = tokens // seq_len
-    total, count = 0.0, 0
-    for first in range(0, n, batch):
-        ids = torch.stack([stream.read(i * seq_len, (i + 1) * seq_len) for i in range(first, min(n, first + batch))])
-        logits = model(input_ids=ids).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
-        count += ids[:, 1:].numel()
-    return total / count, count
+    device = device or next(model.parameters()).device
+    head = model.get_output_embeddings().weight
+    mine = list(range(rank, tokens // seq_len, world))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for first in range(0, len(mine), batch):
+        ids = torch.stack([stream.read(i * seq_len, (i + 1) * seq_len) for i in mine[first:first + batch]]).to(device)
+        loss, n = nll_sum(decoder_hidden(model, ids), head, next_token_labels(ids), chunk_tokens)
+        total += loss.double()
+        count += n
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
+    return total.item() / max(count.item(), 1), int(count.item())
 
 
 def run(ctx: StageContext) -> dict:
+    from accelerate import PartialState
+
     cfg = ctx.config
+    precision = cfg.get("precision", "fp32")
+    state = PartialState(cpu=on_cpu())
+    reduce = (lambda t: _sum(t, state)) if state.num_processes > 1 else None
     source = ctx.source()
     results = {}
     for name in cfg["checkpoints"]:
         path = ctx.inputs[ROLE + name]
         started = time.time()
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
-        stream = open_stream(source, tokenizer, path, ctx.token_cache(), cfg["tokens"], log=ctx.log)
-        model = load_model(path).eval()
-        loss, count = heldout_loss(model, stream, cfg["tokens"], cfg["seq_len"])
+        with state.main_process_first():  # the main process tokenises; the others read its cache
+            stream = open_stream(source, tokenizer, path, ctx.token_cache(), cfg["tokens"], log=ctx.log)
+        model = load_model(path, dtype=DTYPES[precision]).to(state.device).eval()
+        loss, count = heldout_loss(model, stream, cfg["tokens"], cfg["seq_len"],
+                                   batch=int(cfg.get("micro_batch") or 8),
+                                   chunk_tokens=int(cfg.get("chunk_tokens") or 1024),
+                                   rank=state.process_index, world=state.num_processes,
+                                   device=state.device, reduce=reduce)
         params = sum(p.numel() for p in model.parameters())
         results[name] = {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4),
                          "tokens": count, "params": params}
-        ctx.log(f"eval {name}: loss {loss:.4f} (ppl {math.exp(loss):.2f}) on {count:,} tokens, "
-                f"{time.time() - started:.1f}s")
+        ctx.log(f"eval {name}: loss {loss:.4f} (ppl {math.exp(loss):.2f}) on {count:,} tokens, {precision} "
+                f"on {state.num_processes} x {state.device.type}, {time.time() - started:.1f}s")
         del model
-    (ctx.out / "eval.json").write_text(json.dumps({"checkpoints": results}, indent=2, sort_keys=True) + "\n")
+    if state.is_main_process:
+        summary = {"checkpoints": results, "precision": precision, "processes": state.num_processes,
+                   "device": state.device.type}
+        (ctx.out / "eval.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return {"checkpoints": {k: v["loss"] for k, v in results.items()}}
+
+
+def _sum(t: torch.Tensor, state) -> torch.Tensor:
+    """Sum over processes, in float64 (both gloo and NCCL reduce it)."""
+    import torch.distributed as dist
+
+    buf = t.to(torch.float64).clone()
+    dist.all_reduce(buf)
+    return buf

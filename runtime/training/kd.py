@@ -114,6 +114,28 @@ def chunked_loss(
     return _ChunkedLoss.apply(hidden, weight, labels, flat[0], t.weight, flat[1], flat[2], rest, spec)
 
 
+@torch.no_grad()
+def nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+            chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy (nats, fp32) and the count of unmasked tokens; no gradient.
+
+    The evaluation twin of ``chunked_loss(..., teacher=None)``: logits exist one chunk of
+    ``chunk_tokens`` rows at a time, computed in the hidden states' dtype as the model's own
+    head would (bf16 weights give bf16 logits), then upcast for the log-softmax.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    hidden, labels = hidden[keep], labels[keep]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    w = weight.to(hidden.dtype)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        z = (hidden[start:start + chunk_tokens] @ w.T).float()
+        rows = labels[start:start + chunk_tokens]
+        total += (torch.logsumexp(z, dim=-1) - z.gather(-1, rows[:, None]).squeeze(1)).sum()
+    return total, int(labels.numel())
+
+
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would give a matmul of ``x`` here (its own dtype when autocast is off)."""
     device = x.device.type
