@@ -323,6 +323,19 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                                                      if k in set_at else "is the default")
                         for k in keys if k != nearest])
 
+    # -- DeepSpeed is refused (docs/runtime.md, Distributed training) ------------------------
+    # Accelerate's DeepSpeed engine would need its own accumulation, clipping and ZeRO config
+    # plumbing, and nothing here can install or test it; a plan that silently ran it wrong is
+    # worse than none. Each place that writes it is reported once.
+    refused: dict = {}
+    for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
+        if t.settings["resources.strategy"] == "deepspeed":
+            refused.setdefault(t.settings.at.get("resources.strategy", t.at), what)
+    for at, what in refused.items():
+        diag("CSC250", f"{what}: strategy deepspeed is not supported by the cascadec runtime", at,
+             "use `strategy: fsdp` (FSDP2: parameters, gradients, optimizer state and the teacher sharded "
+             "over the devices); see docs/runtime.md")
+
     # -- streamed data fits ------------------------------------------------------------------
     used: dict = {}
     for c, variant, t, ref in resolve.trainings(spec):
