@@ -273,8 +273,9 @@ def launch_command(stage: dict, ctx_json: Path) -> list[str]:
     precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}.get((stage.get("config") or {}).get("precision"))
     if precision:
         cmd += ["--mixed_precision", precision]
-    cmd += {"fsdp": ["--use_fsdp"], "deepspeed": ["--use_deepspeed"]}.get(launch.get("strategy"), [])
-    if n > 1 and launch.get("strategy") in (None, "none", "ddp"):
+    # fsdp: the stage applies FSDP2 itself (training/fsdp.py); Accelerate only starts the processes
+    # and their process group, as for ddp (docs/runtime.md, Distributed training)
+    if n > 1 and launch.get("strategy") in (None, "none", "ddp", "fsdp"):
         cmd += ["--multi_gpu"]
     return cmd + ["-m", STAGE_MAIN, "--ctx-json", str(ctx_json)]
 

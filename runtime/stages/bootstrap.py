@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, MistralConfig
 from cascadec.shapes import Shape
 
 from ..context import StageContext
+from ..training.fsdp import empty_on_this_rank
 from ..data.readers import documents, source_files
 from ..training.models import init_model
 from ..data.tokenizer import train_bpe
@@ -38,7 +39,8 @@ def run(ctx: StageContext) -> dict:
         max_position_embeddings=max(int(config["seq_len"]), 2048), sliding_window=None,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    model = init_model(model_config, seed=int(config.get("seed", 0)), rope=config.get("rope"))
+    model = init_model(model_config, seed=int(config.get("seed", 0)), rope=config.get("rope"),
+                       empty=empty_on_this_rank(ctx.stage))
     ctx.log(f"bootstrap: random Mistral, {sum(p.numel() for p in model.parameters()):,} parameters, vocab {vocab}")
     return train(ctx, model, tokenizer, tokenizer_dir)
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from cascadec.shapes import Shape, from_hf_config, hf_config_updates
 
 from ..context import StageContext
+from ..training.fsdp import empty_on_this_rank
 from ..training.models import init_model, load_config
 from ..training.train import train
 
@@ -27,6 +28,7 @@ def run(ctx: StageContext) -> dict:
     for key, value in hf_config_updates(shape).items():
         setattr(model_config.get_text_config(), key, value)
     model_config.tie_word_embeddings = shape.tied_embeddings
-    model = init_model(model_config, seed=int(config.get("seed", 0)), rope=config.get("rope"))
+    model = init_model(model_config, seed=int(config.get("seed", 0)), rope=config.get("rope"),
+                       empty=empty_on_this_rank(ctx.stage))
     ctx.log(f"control: random {shape.family} model, {sum(p.numel() for p in model.parameters()):,} parameters")
     return train(ctx, model, AutoTokenizer.from_pretrained(template), template)

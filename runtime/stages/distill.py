@@ -9,6 +9,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from ..context import StageContext
+from ..training.fsdp import empty_on_this_rank
 from ..training.models import load_model
 from ..training.train import train
 
@@ -20,10 +21,11 @@ def run(ctx: StageContext) -> dict:
     """
     config = ctx.config
     student_dir = ctx.inputs["student"]
-    student = load_model(student_dir, rope=config.get("rope"))
+    student = load_model(student_dir, rope=config.get("rope"), empty=empty_on_this_rank(ctx.stage))
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     cached = ctx.inputs.get("teacher_logits")
-    teacher = None if cached else load_model(ctx.inputs["teacher"], dtype=_teacher_dtype(config))
+    teacher = None if cached else load_model(ctx.inputs["teacher"], dtype=_teacher_dtype(config),
+                                             empty=empty_on_this_rank(ctx.stage, teacher=True))
     ctx.log(f"distill: {config.get('phase', '')} student {student_dir}, teacher "
             f"{'cached top-k logits ' + str(cached) if cached else ctx.inputs['teacher']}")
     metrics = train(ctx, student, tokenizer, student_dir, teacher=teacher,

@@ -6,6 +6,7 @@ phases); checkpoint key layouts belong to `adapters.py`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import transformers as tf
@@ -38,20 +39,36 @@ def model_class(config):
     return tf.Mistral3ForConditionalGeneration if config.model_type == "mistral3" else tf.AutoModelForCausalLM
 
 
-def load_model(path: Path, *, rope: dict | None = None, dtype=None):
-    """Load a checkpoint for training (fp32 master weights unless ``dtype`` says otherwise)."""
+def load_model(path: Path, *, rope: dict | None = None, dtype=None, empty: bool = False):
+    """Load a checkpoint for training (fp32 master weights unless ``dtype`` says otherwise).
+
+    ``empty``: build the model on the meta device without reading any weight (ranks other than 0
+    of an fsdp stage, which receive rank 0's weights shard by shard: `fsdp.shard`).
+    """
     import torch
 
     config = load_config(path, rope)
+    if empty:
+        return _build(config, dtype or torch.float32, "meta")
     return model_class(config).from_pretrained(path, config=config, dtype=dtype or torch.float32)
 
 
-def init_model(config, *, seed: int, rope: dict | None = None):
-    """A randomly initialised model of ``config`` (with ``rope`` applied), reproducible from ``seed``."""
+def init_model(config, *, seed: int, rope: dict | None = None, empty: bool = False):
+    """A randomly initialised model of ``config`` (with ``rope`` applied), reproducible from ``seed``
+    (``empty``: on the meta device, as in `load_model`)."""
     from accelerate.utils import set_seed
 
     if rope:
         apply_rope(config, rope)
     set_seed(seed)
+    return _build(config, None, "meta" if empty else None)
+
+
+def _build(config, dtype, device):
+    import torch
+
     cls = model_class(config)
-    return cls._from_config(config) if cls is tf.Mistral3ForConditionalGeneration else cls.from_config(config)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with torch.device(device) if device else contextlib.nullcontext():
+        return cls._from_config(config, **kwargs) if cls is tf.Mistral3ForConditionalGeneration else \
+            cls.from_config(config, **kwargs)

@@ -4,8 +4,9 @@ Owns the optimiser, schedule, step checkpoints (resume), metrics and the final s
 load models or choose data: stages do that and hand it a model, a tokenizer and a source.
 
 A step checkpoint is `accelerator.save_state` (model, optimiser, RNG) plus the scheduler and the
-data position, written to ``scratch/checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when
-complete, so the newest ``step-*`` is always loadable. A run killed at any moment restarts from
+data position (under `strategy: fsdp`, DCP shards and per-rank state: `fsdp.py`), written to
+``scratch/checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete, so the newest
+``step-*`` is always loadable. A run killed at any moment restarts from
 it, reads the same tokens (sharding depends only on the step) and, on CPU with fixed seeds,
 reaches bit-identical weights.
 """
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import preempt
 from ..context import StageContext
+from . import fsdp
 from ..data.stream import (DataPosition, Window, copy_tokenizer_files, micro_batches, open_stream, per_process,
                    tokenizer_fingerprint)
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
@@ -49,6 +51,18 @@ class Objective(torch.nn.Module):
         hidden = decoder_hidden(self.model, input_ids)
         head = self.model.get_output_embeddings().weight
         return chunked_loss(hidden, head, labels, self.spec, Teacher(**teacher) if teacher else None)
+
+
+class TeacherForward(torch.nn.Module):
+    """The frozen teacher's final hidden states and LM-head weight for one micro-batch: one module,
+    so that sharded, its root unit gathers the head for the loss (`fsdp.reshard` frees it after)."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, input_ids):
+        return decoder_hidden(self.teacher, input_ids), self.teacher.get_output_embeddings().weight
 
 
 def decoder_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -91,6 +105,15 @@ def mixed_precision(precision: str) -> str:
     return "no"
 
 
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def save_dtype(precision: str) -> torch.dtype:
+    """Trained checkpoints are written in the plan's precision (bf16 runs give bf16 weights, as the
+    checkpoints they start from), whatever the machine computed in."""
+    return SAVE_DTYPES.get(precision or "fp32", torch.float32)
+
+
 def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=None, teacher_dir: Path | None = None,
           teacher_logits: Path | None = None) -> dict:
     """Train ``model`` over the stage's window; save it to ``ctx.out / "model"``; return metrics.
@@ -105,20 +128,37 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     opt_cfg, sched_cfg = config.get("optimizer") or {}, config.get("schedule") or {}
     ckpt_cfg = config.get("checkpoint") or {}
     micro = int(config.get("micro_batch") or 1)
+    strategy = fsdp.strategy(ctx.stage)
+    if strategy == "deepspeed":
+        raise ValueError("strategy deepspeed is not supported by this runtime (the compiler refuses it: CSC250); "
+                         "use strategy fsdp")
+    sharded = strategy == "fsdp"
+    compute = mixed_precision(config.get("precision", "fp32"))
 
     # 1. Processes, precision, trackers; the data window is tokenised once (main process first).
-    accelerator = Accelerator(cpu=on_cpu(), mixed_precision=mixed_precision(config.get("precision", "fp32")),
+    #    Under fsdp the mixed-precision policy of `fully_shard` casts, not Accelerate's autocast.
+    accelerator = Accelerator(cpu=on_cpu(), mixed_precision="no" if sharded else compute,
                               log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
                               project_dir=str(ctx.scratch))
+    own_group = sharded and fsdp.init_process_group(accelerator.device)
     set_seed(int(config.get("seed", 0)))
     accum = per_process(window.global_batch, accelerator.num_processes, micro) // micro
+    placement = {}
     if teacher is not None:
         _check_vocab(teacher, model)
         if teacher_dir is not None and Path(teacher_dir).is_dir():
             _check_tokenizers(f"teacher {teacher_dir}", tokenizer_fingerprint(teacher_dir), tokenizer_dir)
         else:  # a hub id: its files are resolved by the hub download (not in this runtime yet)
             ctx.log(f"distill: teacher {teacher_dir} is not a local directory; tokenizers not compared")
-        teacher.eval().requires_grad_(False).to(accelerator.device)
+        teacher = TeacherForward(teacher.eval().requires_grad_(False))
+        shard_teacher, why = fsdp.teacher_sharded(ctx.stage)
+        if shard_teacher:
+            fsdp.shard(teacher, accelerator.device)
+        else:
+            teacher.to(accelerator.device)
+        if sharded:
+            placement = {"teacher_placement": why, "teacher_params_per_rank": fsdp.gathered(fsdp.local_params(teacher))}
+            ctx.log(f"distill: teacher {why}")
     cache = _teacher_logits(ctx, teacher_logits, model, window, spec, tokenizer_dir)
     need = window.offset + max(window.tokens, cache.index["sequences"] * window.seq_len if cache else 0)
     with accelerator.main_process_first():
@@ -130,16 +170,26 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     if config.get("activation_checkpointing"):  # recompute each layer in backward (docs/plan.md, Estimates)
         model.activation_checkpointing_enable()
     objective = Objective(model, spec).train()
-    optimizer, scheduler = _optimizer(model, opt_cfg, sched_cfg, window.steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
     position = DataPosition(window)
-    accelerator.register_for_checkpointing(scheduler, position)
+    if sharded:  # one unit per decoder layer; the optimiser is built on the shards
+        fsdp.shard(objective, accelerator.device, mp=fsdp.policy(compute))
+        placement["student_params_per_rank"] = fsdp.gathered(fsdp.local_params(objective))
+        optimizer, scheduler = _optimizer(objective.model, opt_cfg, sched_cfg, window.steps)
+    else:
+        optimizer, scheduler = _optimizer(model, opt_cfg, sched_cfg, window.steps)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+        accelerator.register_for_checkpointing(scheduler, position)
 
     # 3. Resume from the newest complete step checkpoint, if any.
     checkpoints = _checkpoint_dir(ctx, accelerator)
     resumed = _latest(checkpoints)
-    if resumed:
+    if resumed and sharded:
+        extra = fsdp.load_state(resumed, objective, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        position.load_state_dict(extra["position"])
+    elif resumed:
         accelerator.load_state(str(resumed))
+    if resumed:
         ctx.log(f"resumed from {resumed.name}: step {position.step}, {position.tokens:,} tokens")
     metrics_file = _metrics_file(ctx, position.step, accelerator)
     accelerator.init_trackers(_tracker_name(ctx))
@@ -154,12 +204,15 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         for m, (input_ids, indices) in enumerate(batches):
             input_ids = input_ids.to(accelerator.device)
             sync = m == accum - 1
-            with accelerator.no_sync(objective) if not sync else nullcontext(), accelerator.autocast():
+            no_sync = fsdp.gradient_sync(objective, sync) if sharded else (
+                accelerator.no_sync(objective) if not sync else nullcontext())
+            with no_sync, accelerator.autocast():
                 extra = _teacher_side(teacher, cache, input_ids, indices, spec, accelerator.device)
                 loss = objective(input_ids, next_token_labels(input_ids), **extra)
+                fsdp.reshard(teacher)  # the loss is done with the teacher's head (kd.py: gradients in forward)
                 accelerator.backward(loss / accum)
             total += loss.detach() / accum
-        grad_norm = _clip(accelerator, objective, opt_cfg.get("grad_clip"))
+        grad_norm = _clip(accelerator, objective, opt_cfg.get("grad_clip"), sharded)
         step_lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -176,27 +229,36 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         bar.update(1)
         stop = position.step < window.steps and _agreed(accelerator, preempt.requested(ctx.scratch))
         if stop or _due(position.step, window.steps, ckpt_cfg):
-            _save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)))
+            state = (objective, optimizer, {"scheduler": scheduler.state_dict(), "position": position.state_dict()})
+            _save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)),
+                             state if sharded else None)
         if stop:  # SIGUSR1 before a Slurm time limit: the requeued job resumes here (runtime/preempt.py)
             raise preempt.Preempted(position.step)
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
 
-    # 5. The final model, loadable by `AutoModelForCausalLM.from_pretrained`.
+    # 5. The final model, loadable by `AutoModelForCausalLM.from_pretrained`, in the plan's precision.
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - started
-    if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(objective).model
+    dtype = save_dtype(config.get("precision"))
+    if sharded:
+        fsdp.save_pretrained(objective.model, Path(ctx.out) / "model", dtype)
+    elif accelerator.is_main_process:
+        trained = accelerator.unwrap_model(objective).model.to(dtype)
         trained.save_pretrained(Path(ctx.out) / "model", safe_serialization=True)
+    if accelerator.is_main_process:
         if not copy_tokenizer_files(tokenizer_dir, Path(ctx.out) / "model"):
             tokenizer.save_pretrained(Path(ctx.out) / "model")
         shutil.copyfile(metrics_file, Path(ctx.out) / "metrics.jsonl")
     accelerator.wait_for_everyone()
+    if own_group:
+        torch.distributed.destroy_process_group()
     trained_tokens = (window.steps - start) * window.seq_len * window.global_batch
     return {"steps": window.steps, "tokens": window.tokens, "tokens_seen": window.tokens, "final_loss": loss_value,
             "wall_s": round(wall, 3), "resumed_from_step": start, "processes": accelerator.num_processes,
-            "tokens_per_s": round(trained_tokens / max(wall, 1e-9), 1)}
+            "tokens_per_s": round(trained_tokens / max(wall, 1e-9), 1), "strategy": strategy,
+            "dtype": str(dtype).removeprefix("torch."), **placement}
 
 
 def _optimizer(model, opt_cfg: dict, sched_cfg: dict, steps: int):
@@ -254,13 +316,15 @@ def _teacher_side(teacher, cache: TopKCache | None, input_ids, indices, spec: Lo
     if teacher is None:
         return {}
     with torch.no_grad():
-        hidden = decoder_hidden(teacher, input_ids)
-    return {"hidden": hidden, "weight": teacher.get_output_embeddings().weight}
+        hidden, weight = teacher(input_ids)
+    return {"hidden": hidden, "weight": weight}
 
 
-def _clip(accelerator, objective, grad_clip) -> float | None:
+def _clip(accelerator, objective, grad_clip, sharded: bool) -> float | None:
     if not grad_clip:
         return None
+    if sharded:
+        return fsdp.clip(objective, float(grad_clip))
     return float(accelerator.clip_grad_norm_(objective.parameters(), float(grad_clip)))
 
 
@@ -294,9 +358,13 @@ def _latest(checkpoints: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int) -> None:
+def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, sharded_state=None) -> None:
+    """``sharded_state``: (model, optimizer, extras) of an fsdp stage, saved with DCP."""
     tmp, final = checkpoints / f".tmp-step-{step:08d}", checkpoints / f"step-{step:08d}"
-    accelerator.save_state(str(tmp))
+    if sharded_state is not None:
+        fsdp.save_state(tmp, *sharded_state)
+    else:
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(final)  # atomic: only complete checkpoints carry the step-* name

@@ -332,8 +332,8 @@ def test_launch_command():
     assert executor.launch_command(st, Path("/w/ctx.json")) == [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--num_machines", "1",
         "--dynamo_backend", "no", "--mixed_precision", "bf16",
-        "--use_fsdp", "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json",
-    ]
+        "--multi_gpu", "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json",
+    ]  # fsdp: FSDP2 is applied by the stage itself (training/fsdp.py), not by Accelerate's plugin
     assert "--multi_gpu" in executor.launch_command(stage("a", launch={"devices": 2, "strategy": "ddp"}), Path("c"))
     assert not executor.needs_launcher(stage("a"))
     with pytest.raises(ws.WorkspaceError, match="submit the scripts from `cascadec plan --emit DIR`"):

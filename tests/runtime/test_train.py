@@ -67,23 +67,56 @@ def test_cached_teacher_logits_at_full_vocab_equal_online_distillation(tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_a_bf16_run_through_the_accelerator_matches_fp32(tiny_models, corpus, tmp_path, monkeypatch):
+SCRATCH_SHAPE = dict(family="mistral", layers=1, hidden=32, ffn=64, heads=2, kv_heads=1, head_dim=16, vocab=320,
+                     tied_embeddings=True)
+
+
+def training_stage(kind: str, models: dict, **config) -> tuple[dict, dict, object]:
+    """(stage, inputs, run) of a small distill, control or bootstrap stage."""
+    if kind == "distill":
+        return stage(**config), dict(models), distill.run
+    base = {**DISTILL, "kind": kind, "config": {**DISTILL["config"], "shape": SCRATCH_SHAPE, "loss": None}}
+    if kind == "control":
+        return stage(base, **config), {"template": models["teacher"]}, control.run
+    base["config"]["tokenizer"] = {"vocab_size": 320}
+    return stage(base, **config), {}, bootstrap.run
+
+
+@pytest.mark.parametrize("kind", ["distill", "control", "bootstrap"])
+def test_a_bf16_run_through_the_accelerator_matches_fp32_and_saves_bf16(kind, tiny_models, corpus, tmp_path,
+                                                                        monkeypatch):
     """precision bf16 forced on the CPU (Accelerate autocasts there as on a GPU): the chunked loss
-    runs under autocast and the losses stay within bf16 tolerance of the fp32 run."""
-    st = stage(steps=3)
-    fp32 = context(tmp_path / "fp32", st, dict(tiny_models), corpus)
-    distill.run(fp32)
+    runs under autocast, the losses stay within bf16 tolerance of the fp32 run, and the model is
+    saved in bf16 with `dtype` in its config.json."""
+    st, inputs, run = training_stage(kind, tiny_models, steps=3)
+    fp32 = context(tmp_path / "fp32", st, inputs, corpus)
+    run(fp32)
     monkeypatch.setattr(train_module, "mixed_precision", lambda precision: "bf16")
-    bf16 = context(tmp_path / "bf16", stage(steps=3, precision="bf16"), dict(tiny_models), corpus)
+    autocast = []
+    monkeypatch.setattr(train_module.Accelerator, "autocast",
+                        lambda self, original=train_module.Accelerator.autocast: autocast.append(
+                            self.mixed_precision) or original(self))
+    st16, _, _ = training_stage(kind, tiny_models, steps=3, precision="bf16")
+    bf16 = context(tmp_path / "bf16", st16, inputs, corpus)
     AcceleratorState._reset_state(True)  # the process-wide state holds one precision
     try:
-        distill.run(bf16)
+        assert run(bf16)["dtype"] == "bfloat16"
     finally:
         AcceleratorState._reset_state(True)
+    assert set(autocast) == {"bf16"}
     assert losses(bf16.out) == pytest.approx(losses(fp32.out), rel=2e-2)
-    before, after = load_file(str(tiny_models["student"] / "model.safetensors")), weights(bf16.out)
-    assert all(torch.isfinite(v).all() for v in after.values())
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    saved, reference = weights(bf16.out), weights(fp32.out)
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert {v.dtype for v in reference.values()} == {torch.float32}  # fp32 plans keep fp32 checkpoints
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    if kind == "distill":
+        before = load_file(str(tiny_models["student"] / "model.safetensors"))
+        assert any(not torch.equal(before[k].to(torch.bfloat16), saved[k]) for k in before)
+    config = json.loads((bf16.out / "model" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config  # transformers 5 writes `dtype` only
+    loaded = AutoModelForCausalLM.from_pretrained(bf16.out / "model")
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items() if k in saved)
 
 
 def test_activation_checkpointing_recomputes_layers_and_changes_no_number(tiny_models, corpus, tmp_path, monkeypatch):
@@ -120,15 +153,12 @@ def test_long_context_phase_writes_rope_into_the_student(tiny_models, corpus, tm
 
 
 def test_control_and_bootstrap_train_from_scratch(tiny_models, corpus, tmp_path):
-    shape = dict(family="mistral", layers=1, hidden=32, ffn=64, heads=2, kv_heads=1, head_dim=16, vocab=320,
-                 tied_embeddings=True)
-    base = {**DISTILL, "kind": "control", "config": {**DISTILL["config"], "shape": shape, "loss": None}}
-    ctx = context(tmp_path / "control", stage(base, steps=3), {"template": tiny_models["teacher"]}, corpus)
+    st, inputs, _ = training_stage("control", tiny_models, steps=3)
+    ctx = context(tmp_path / "control", st, inputs, corpus)
     assert control.run(ctx)["tokens_seen"] == 3 * 64
     assert AutoConfig.from_pretrained(ctx.out / "model").num_hidden_layers == 1
-    boot = {**base, "kind": "bootstrap"}
-    boot["config"] = {**base["config"], "tokenizer": {"vocab_size": 320}}
-    ctx = context(tmp_path / "boot", stage(boot, steps=3), {}, corpus)
+    st, inputs, _ = training_stage("bootstrap", tiny_models, steps=3)
+    ctx = context(tmp_path / "boot", st, inputs, corpus)
     metrics = bootstrap.run(ctx)
     assert metrics["final_loss"] == metrics["final_loss"]  # finite, not NaN
     config = AutoConfig.from_pretrained(ctx.out / "model")
