@@ -16,7 +16,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from stagekit import context, stage
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, modeling_utils
 
 from cascadec.runtime import executor
 from cascadec.runtime.stages import distill
@@ -163,3 +163,20 @@ def test_teacher_placement_follows_the_plans_memory_estimate():
     assert fsdp.teacher_sharded(st) == (True, "sharded: the plan's estimate with a whole teacher per device, "
                                                "315.9 GB, exceeds 80 GB")
     assert fsdp.teacher_sharded({"launch": {**FSDP2, "strategy": "ddp"}})[0] is False
+
+
+def test_activation_checkpointing_under_fsdp_recomputes_layers_and_changes_no_number(tiny_models, corpus, tmp_path,
+                                                                                   monkeypatch):
+    local = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "fsdp"}
+    plain = context(tmp_path / "plain", stage(steps=3), dict(tiny_models), corpus)
+    distill.run(plain)
+    recomputed = []
+    original = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k))
+    sharded = context(tmp_path / "fsdp", {**stage(steps=3, activation_checkpointing=True), "launch": local},
+                      dict(tiny_models), corpus)
+    assert distill.run(sharded)["strategy"] == "fsdp"
+    assert len(recomputed) == 3 * 2 * 2  # steps x micro-batches (2 of 2 in a batch of 4) x student layers
+    assert losses(plain.out) == losses(sharded.out)
+    a, b = weights(plain.out), weights(sharded.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
