@@ -77,6 +77,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             diag("CSC222", f"data '{d.name}' is builtin but names no corpus", d.at, "add `builtin: stdlib` (or arithmetic)")
         if d.kind in ("text", "jsonl", "parquet", "tokenized") and not d.paths:
             diag("CSC222", f"data '{d.name}' of kind {d.kind} has no `paths`", d.at, "add `paths: [data/*.jsonl]`")
+        _check_reader(diag, d)
 
     def check_data(name, at):
         if name is not None and name not in spec.data:
@@ -400,3 +401,43 @@ def _reachable_help(c, source) -> str:
     return (f"shapes over {axes} have {lo:,} to {hi:,} parameters, but none near the target: the nearest have "
             f"{below:,} and {above:,}; target one of them, raise `solve.tolerance` to {math.ceil(needed * 1000) / 1000:g}, "
             "or allow more axes (`solve.axes`)")
+
+
+# Which reader keys mean something for which data kind (docs/data.md); the runtime reads exactly these.
+READER_KEYS = {
+    "field": ("jsonl", "parquet", "dataset"),
+    "split": ("builtin", "dataset"),
+    "hub": ("dataset",),
+    "revision": ("dataset",),
+    "subset": ("dataset",),
+    "format": ("jsonl", "parquet", "dataset"),
+    "system": ("jsonl", "parquet", "dataset"),
+    "on_error": ("text", "jsonl", "parquet", "dataset", "tokenized"),
+}
+BUILTIN_SPLITS = ("train", "heldout")
+
+
+def _check_reader(diag, d) -> None:
+    """CSC280-CSC284: the reader keys of one data source agree with its kind and with each other."""
+    for key, kinds in READER_KEYS.items():
+        if getattr(d, key) is not None and d.kind not in kinds:
+            diag("CSC281", f"data '{d.name}': `{key}` does not apply to kind {d.kind}", (*d.at, key),
+                 f"`{key}` is read for kind {', '.join(kinds)}; remove it", key=True)
+    if d.kind == "dataset" and bool(d.paths) == bool(d.hub):
+        diag("CSC280", f"data '{d.name}' of kind dataset needs exactly one of `paths` and `hub`"
+             f"{' (it has both)' if d.paths else ''}", d.at,
+             "`paths: [data/my_dataset]` for a directory written by `save_to_disk`, or `hub: owner/name` "
+             "(with `revision:`) for a hub dataset in the local Hugging Face cache")
+    for key in ("revision", "subset"):
+        if d.kind == "dataset" and getattr(d, key) is not None and d.hub is None:
+            diag("CSC282", f"data '{d.name}': `{key}` needs `hub`", (*d.at, key),
+                 f"a `save_to_disk` directory has no {key}; remove it", key=True)
+    if d.kind == "builtin" and d.split is not None and d.split not in BUILTIN_SPLITS:
+        diag("CSC283", f"data '{d.name}': builtin split '{d.split}' is not one of {', '.join(BUILTIN_SPLITS)}",
+             (*d.at, "split"), "builtin corpora split by file into `train` and `heldout`")
+    if d.field is not None and d.format not in (None, "text"):
+        diag("CSC284", f"data '{d.name}': `field` is for text documents; {d.format} records have fixed fields",
+             (*d.at, "field"), "remove `field`; docs/data.md lists the fields of each format", key=True)
+    if d.system is not None and d.format in (None, "text"):
+        diag("CSC284", f"data '{d.name}': `system` needs `format: chat`, `preference` or `prompts`",
+             (*d.at, "system"), "add the format, or remove `system`", key=True)

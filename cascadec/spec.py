@@ -67,6 +67,12 @@ class DataSpec:
     builtin: str | None
     split: str | None
     mix: dict
+    hub: str | None = None  # a hub dataset id (kind dataset)
+    revision: str | None = None  # its branch, tag or commit
+    subset: str | None = None  # its README `configs:` name
+    format: str | None = None  # what a record is: text (None), chat, preference, prompts
+    system: str | None = None  # system prompt for chat records without one
+    on_error: str | None = None  # bad records: fail (None) or skip (counted)
     stream: bool
     shuffle: bool
     tokens: int | None

@@ -242,7 +242,7 @@ def resolve_inputs(plan: dict, stage: dict, workdir: Path, base_dir: Path) -> tu
             source = plan.get("data", {}).get(inp["data"])
             if not isinstance(source, dict):
                 raise WorkspaceError(f"stage {sid}: data {inp['data']!r} is not in the plan")
-            data[inp["data"]] = resolved = resolve_source(source, base_dir)
+            data[inp["data"]] = resolved = {**resolve_source(source, base_dir), "name": inp["data"]}  # the name locates errors
             if source.get("paths") and not resolved["paths"]:
                 raise WorkspaceError(f"stage {sid}: data {inp['data']!r}: no file matches {', '.join(source['paths'])} in {base_dir}")
         else:

@@ -16,7 +16,7 @@ from cascadec.shapes import Shape
 
 from ..context import StageContext
 from ..training.fsdp import empty_on_this_rank
-from ..data.readers import documents, source_files
+from ..data.readers import Skips, documents, source_files
 from ..training.models import init_model
 from ..data.tokenizer import train_bpe
 from ..training.train import on_cpu, train
@@ -55,13 +55,15 @@ def tokenizer_for(ctx: StageContext, vocab: int) -> Path:
 
 
 def _train_tokenizer(ctx: StageContext, vocab: int, path: Path) -> None:
-    source, texts, chars = ctx.source(), [], 0
+    source, texts, chars, skips = ctx.source(), [], 0, Skips()
     for _, file in source_files(source):
-        for text in documents(file, source):
+        for text in documents(file, source, skips):
             texts.append(text)
             chars += len(text)
         if chars >= TOKENIZER_CHARS:
             break
+    if skips.total:
+        ctx.log(f"tokenizer sample: {skips.total} bad records skipped (on_error: skip); first: {skips.first[0]}")
     tmp = path.with_name("tokenizer.tmp")
     train_bpe(texts, vocab).save_pretrained(tmp)
     tmp.rename(path)

@@ -224,13 +224,15 @@ def calibrate(model_dir: Path, *, source: dict | None, samples: int, seq_len: in
     """
     from transformers import AutoTokenizer
 
+    from ..data.readers import Skips
     from .adapters import for_config, load_model, read_config
     from .calibration_text import pack
-
     from .reconstruction import reference, verify_ids
 
     adapter = for_config(read_config(model_dir))
-    ids = pack(AutoTokenizer.from_pretrained(model_dir), source, samples=samples, seq_len=seq_len, offset=offset)
+    skips = Skips()
+    ids = pack(AutoTokenizer.from_pretrained(model_dir), source, samples=samples, seq_len=seq_len, offset=offset,
+               skips=skips)
     cuda = torch.cuda.is_available()
     model = load_model(model_dir, dtype=None if cuda else torch.float32, device="cuda" if cuda else "cpu")
     if scores:
@@ -240,4 +242,6 @@ def calibrate(model_dir: Path, *, source: dict | None, samples: int, seq_len: in
     stats.update(reference(model, verify_ids(ids)))  # what the pruned model is compared against
     summary = {"samples": samples, "seq_len": seq_len, "offset": offset,
                "data": source or "builtin:stdlib", **summarize(stats, angular_block=angular_block)}
+    if skips.total:  # records skipped under `on_error: skip` are reported, never dropped silently
+        summary["data_skipped"] = skips.manifest()
     return stats, summary

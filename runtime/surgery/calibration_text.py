@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.readers import documents, source_files
+from ..data.readers import Skips, documents, source_files
 
 # With no calibration data given: the running interpreter's standard-library ``.py`` sources,
 # in data/stream.py's deterministic sorted order (site-packages excluded). Every Python install
@@ -18,18 +18,20 @@ from ..data.readers import documents, source_files
 BUILTIN = {"kind": "builtin", "builtin": "stdlib"}
 
 
-def pack(tokenizer, source: dict | None, *, samples: int, seq_len: int, offset: int = 0) -> torch.Tensor:
+def pack(tokenizer, source: dict | None, *, samples: int, seq_len: int, offset: int = 0,
+         skips: Skips | None = None) -> torch.Tensor:
     """``[samples, seq_len]`` token ids: documents joined by EOS, the first ``offset`` tokens skipped.
 
     Tokenises only as many documents as needed. Raises ValueError when the text is too short
-    rather than repeating it (repeated text would bias every score).
+    rather than repeating it (repeated text would bias every score). Records skipped under the
+    source's ``on_error: skip`` are counted in ``skips``.
     """
     source = source or BUILTIN
     need = offset + samples * seq_len
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for _, path in source_files(source):
-        for text in documents(path, source):
+        for text in documents(path, source, skips):
             ids += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
         if len(ids) >= need:
             break

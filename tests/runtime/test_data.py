@@ -107,5 +107,5 @@ def test_stdlib_builtin_is_hash_ordered_and_split_by_file():
 
 
 def test_unknown_kind_is_a_clear_error():
-    with pytest.raises(ValueError, match="data kind 'parquet' is not readable"):
-        D.source_files({"kind": "parquet", "paths": []})
+    with pytest.raises(ValueError, match="data kind 'csv' is not readable"):
+        D.source_files({"kind": "csv", "paths": []})
