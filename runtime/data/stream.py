@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .readers import documents, source_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt")
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 @dataclass(frozen=True, kw_only=True)

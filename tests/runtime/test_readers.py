@@ -295,3 +295,40 @@ def test_readers_do_not_import_torch():
     code = ("import sys; from cascadec.runtime.data import readers, formats, hf; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+SPEC = """cascadec: 1
+family: baddata
+models:
+  parent:
+    source: {path: parent}
+data:
+  web: {kind: jsonl, paths: ["data/*.jsonl"]}
+defaults:
+  calibration: {data: web, samples: 2, seq_len: 16}
+children:
+  - name: small
+    prune_from: parent
+    shape: {ffn: 64}
+    phases:
+      - {name: short, teacher: parent, data: web, tokens: 1M, seq_len: 16}
+"""
+
+
+def test_cascadec_run_reports_bad_data_as_one_located_error(tmp_path, tiny_models, capsys):
+    import shutil
+
+    from cascadec import cli
+
+    shutil.copytree(tiny_models["teacher"], tmp_path / "parent")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/x.jsonl").write_text('{"text": "ok ok"}\n' * 16 + '{"body": "x", "id": 17}\n')
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    assert cli.main(["run", "spec.yaml", "--workdir", "ws"]) == 1
+    out, err = capsys.readouterr()
+    lines = (out + err).splitlines()
+    assert lines[0] == "run   calibrate/small      (new)"
+    assert lines[-1] == ("error: stage calibrate/small failed: data/x.jsonl:17: no field 'text' "
+                                    "(fields: body, id); set data.web.field "
+                                    "(traceback in scratch/calibrate/small/traceback.txt)")
+    assert "Traceback" not in out + err
