@@ -79,9 +79,11 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             diag("CSC222", f"data '{d.name}' of kind {d.kind} has no `paths`", d.at, "add `paths: [data/*.jsonl]`")
         _check_reader(diag, d)
 
-    def check_data(name, at):
+    def check_data(name, at, reader="distill"):
         if name is not None and name not in spec.data:
             unknown("CSC203", "data source", name, at, data_names)
+        elif name is not None:
+            _check_format(diag, spec.data[name], at, reader)
 
     for j in spec.judges.values():
         if j.kind in ("pairwise_model", "rubric_model") and j.model is None:
@@ -92,7 +94,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     # -- models -----------------------------------------------------------------------------
     for m in spec.models.values():
         if m.bootstrap is not None:
-            check_data(m.bootstrap.data, (*m.bootstrap.at, "data"))
+            check_data(m.bootstrap.data, (*m.bootstrap.at, "data"), "bootstrap")
         if m.arch is None and ("hub" in m.source or "bootstrap" in m.source):
             diag("CSC216", f"model '{m.name}' has no architecture", m.at,
                  "add `arch:` (layers, hidden, ffn, heads, kv_heads, vocab, ...); the compiler does not download configs")
@@ -174,7 +176,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         if shrinks and c.calibration["calibration.data"] is None:
             diag("CSC219", f"child '{c.name}' is pruned ({', '.join(shrinks)}) but no calibration data is named",
                  (*c.at, "pruning"), "add `pruning: {calibration: {data: <a data source>}}` or `defaults: {calibration: {data: ...}}`")
-        check_data(c.calibration["calibration.data"], (*c.at, "pruning", "calibration", "data"))
+        check_data(c.calibration["calibration.data"], (*c.at, "pruning", "calibration", "data"), "calibration")
         removed = 1 - param_count(target) / param_count(source)
         if removed > 0.5:
             diag("CSC220", f"child '{c.name}' removes {removed:.0%} of the parameters of '{c.prune_from}' in one step",
@@ -187,7 +189,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     for *_, ref in resolve.trainings(spec):
         refs_seen[ref] = refs_seen.get(ref, 0) + 1
     for c, variant, t, ref in resolve.trainings(spec):
-        check_data(t.data, (*t.at, "data"))
+        check_data(t.data, (*t.at, "data"), t.kind)
         start = resolve.starts(c)[ref]
         if start is None:
             diag("CSC218", f"the first step of variant '{variant}' of '{c.name}' does not say where it starts",
@@ -349,7 +351,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                      f"{used[d.name]:,} by '{ref}'", (*t.at, "tokens"),
                      "a stream is read once; lower the budgets or declare more data")
     if spec.eval is not None:
-        check_data(spec.eval.data, (*spec.eval.at, "data"))
+        check_data(spec.eval.data, (*spec.eval.at, "data"), "eval")
     return out
 
 
@@ -441,3 +443,19 @@ def _check_reader(diag, d) -> None:
     if d.system is not None and d.format in (None, "text"):
         diag("CSC284", f"data '{d.name}': `system` needs `format: chat`, `preference` or `prompts`",
              (*d.at, "system"), "add the format, or remove `system`", key=True)
+
+
+# The record format each reader of a data source expects (docs/data.md).
+READS = {"distill": "text", "bootstrap": "text", "calibration": "text", "eval": "text",
+         "sft": "chat", "dpo": "preference", "odpo": "prompts", "grpo": "prompts"}
+
+
+def _check_format(diag, d, at, reader: str) -> None:
+    """CSC285: a stage reads a source whose records are not the format it needs (builtins and mixes
+    define their own records and are checked where they are made)."""
+    wants, has = READS.get(reader), d.format or "text"
+    if wants is None or d.kind in ("builtin", "mix") or has == wants:
+        return
+    fix = "remove its `format`" if wants == "text" else f"give it `format: {wants}`"
+    diag("CSC285", f"{reader} reads {wants} records, but data '{d.name}' holds {has} records", at,
+         f"point `data` at a {wants} source, or {fix} if its records are {wants} (docs/data.md)")

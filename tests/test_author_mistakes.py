@@ -24,8 +24,8 @@ models:
   parent:
     source: {hub: org/parent}
     arch: {family: mistral, layers: 8, hidden: 512, ffn: 2048, heads: 8, kv_heads: 4, head_dim: 64, vocab: 1000, max_position_embeddings: 32768}
-data:
-  web: {kind: jsonl, paths: ["data/*.jsonl"], field: text}
+data: {web: {kind: jsonl, paths: ["data/*.jsonl"], field: text},
+  chats: {kind: jsonl, paths: ["data/chat/*.jsonl"], format: chat}}
 defaults:
   calibration: {data: web, samples: 64}
   batch: {global: 16, micro: 4}
@@ -39,7 +39,7 @@ children:
 SFT = """\
     variants:
       chat:
-        - {name: sft, kind: sft, from: short, data: web, tokens: 1B, seq_len: SEQ}
+        - {name: sft, kind: sft, from: short, data: chats, tokens: 1B, seq_len: SEQ}
 """
 
 
@@ -131,7 +131,7 @@ MISTAKES = [
                                     "rope: {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768}}")),
      []),
     ("sft-beyond-context", edit(("seq_len: 1024}\n", "seq_len: 1024}\n" + SFT.replace("SEQ", "65536"))),
-     ["20:79: error[CSC231]: 'small/chat/sft' trains on 65,536-token sequences, but 'small/short' has 32,768 "
+     ["20:81: error[CSC231]: 'small/chat/sft' trains on 65,536-token sequences, but 'small/short' has 32,768 "
       "positions (max_position_embeddings) and no rope scaling is set | extend the context in a long-context phase "
       "first, or lower seq_len to 32,768"]),
 

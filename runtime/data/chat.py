@@ -226,10 +226,8 @@ def preference_pair(tokenizer, record: dict, where: str, source: dict) -> Pair:
 
 def prompt_record(tokenizer, record: dict, where: str, source: dict) -> Prompt:
     messages = _prompt_messages(record, where, source)
-    answer, tests, rubric = record.get("answer"), record.get("tests"), record.get("rubric")
-    if answer is None and tests is None and rubric is None:
-        raise DataError(f"{where}: a prompt needs an `answer`, `tests` or a `rubric` to be scored against "
-                        f"(fields: {', '.join(sorted(record))})")
+    answer, tests, rubric = record.get("answer"), record.get("tests"), record.get("rubric")  # all optional:
+    # a pairwise judge (odpo) needs none; a reward that needs one says so when it scores
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if isinstance(tests, str):

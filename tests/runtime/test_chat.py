@@ -131,9 +131,11 @@ def test_prompt_records_keep_what_rewards_check(tok, tmp_path):
         {"prompt": "What is 2+3?", "answer": 5, "level": "easy"},
         {"messages": [{"role": "user", "content": "Write f."}], "tests": "assert f() == 1"},
         {"prompt": "Explain gravity.", "rubric": "Mentions mass."},
+        {"prompt": "Tell a joke."},  # for a pairwise judge (odpo): nothing to check against
     ])
     source = {"kind": "jsonl", "format": "prompts", "system": "Think."}
-    math, code, essay = chat.examples(tmp_path / "q.jsonl", source, tok)
+    math, code, essay, joke = chat.examples(tmp_path / "q.jsonl", source, tok)
+    assert (joke.answer, joke.tests, joke.rubric) == (None, None, None)
     assert math.ids == enc(tok, "<s>[SYSTEM_PROMPT]Think.[/SYSTEM_PROMPT][INST]What is 2+3?[/INST]")
     assert (math.answer, math.tests, math.rubric, math.columns) == ("5", None, None, {"level": "easy"})
     assert code.tests == ["assert f() == 1"] and code.messages[0] == {"role": "system", "content": "Think."}
@@ -150,7 +152,7 @@ BAD = [
     ("preference", {"prompt": "a", "chosen": "b"}, "`rejected` must be a string or an assistant message (missing)"),
     ("preference", {"chosen": "b", "rejected": "c"},
      "no `prompt` (a string or messages) or `messages` (fields: chosen, rejected)"),
-    ("prompts", {"prompt": "a"}, "a prompt needs an `answer`, `tests` or a `rubric` to be scored against (fields: prompt)"),
+    ("prompts", {"prompt": "a", "answer": ["5"]}, "`answer` and `rubric` are strings, `tests` a string or a list of strings"),
 ]
 
 
