@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, MistralConfig
 from cascadec.shapes import Shape
 
 from ..context import StageContext
+from ..data.chat import ensure_template
 from ..training.fsdp import empty_on_this_rank
 from ..data.readers import Skips, documents, source_files
 from ..training.models import init_model
@@ -66,4 +67,5 @@ def _train_tokenizer(ctx: StageContext, vocab: int, path: Path) -> None:
         ctx.log(f"tokenizer sample: {skips.total} bad records skipped (on_error: skip); first: {skips.first[0]}")
     tmp = path.with_name("tokenizer.tmp")
     train_bpe(texts, vocab).save_pretrained(tmp)
+    ensure_template(tmp)  # the parent, and every child cut from it, can render chat (docs/data.md)
     tmp.rename(path)

@@ -104,12 +104,19 @@ def test_chat_records_from_jsonl_and_parquet_with_the_source_system_prompt(tok, 
     records = [{"messages": CONVERSATION[1:3], "id": 1}, {"messages": CONVERSATION, "id": 2}]
     write_jsonl(tmp_path / "c.jsonl", records)
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    import datasets
+
+    from cascadec.runtime.data.readers import source_files
+
+    datasets.Dataset.from_list(records).save_to_disk(tmp_path / "ds")
     source = {"kind": "jsonl", "format": "chat", "system": "Be brief."}
     from_jsonl = list(chat.examples(tmp_path / "c.jsonl", source, tok))
     from_parquet = list(chat.examples(tmp_path / "c.parquet", {**source, "kind": "parquet"}, tok))
+    saved = {**source, "kind": "dataset", "paths": [str(tmp_path / "ds")]}
+    from_dataset = [e for _, p in source_files(saved) for e in chat.examples(p, saved, tok)]
     full = chat.encode(tok, CONVERSATION)
     first_turns = chat.encode(tok, CONVERSATION[:3])  # the system prompt was added to record 1
-    assert from_jsonl == from_parquet == [first_turns, full]
+    assert from_jsonl == from_parquet == from_dataset == [first_turns, full]
 
 
 def test_preference_records_in_both_forms_give_the_same_pair(tok, tmp_path):

@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from stagekit import DISTILL, context, stage, teacher_logits_stage
 from tinymodels import save_model
-from transformers import AutoConfig, AutoModelForCausalLM, modeling_utils
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, modeling_utils
 
 from cascadec.runtime import executor
 from cascadec.runtime.stages import bootstrap, control, distill, teacher_logits
@@ -163,6 +163,9 @@ def test_control_and_bootstrap_train_from_scratch(tiny_models, corpus, tmp_path)
     assert metrics["final_loss"] == metrics["final_loss"]  # finite, not NaN
     config = AutoConfig.from_pretrained(ctx.out / "model")
     assert config.model_type == "mistral" and config.tie_word_embeddings and config.vocab_size == 320
+    from cascadec.runtime.data.chat import DEFAULT_TEMPLATE  # a trained BPE has no template: the default is written
+
+    assert AutoTokenizer.from_pretrained(ctx.out / "model").chat_template == DEFAULT_TEMPLATE
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
