@@ -42,8 +42,9 @@ def saved_files(folder: Path, split: str | None, hint: str) -> list[Path]:
 def hub_files(source: dict, hint) -> list[Path]:
     """The data files of split ``split`` of hub dataset ``hub`` at ``revision``, from the local cache.
 
-    The snapshot comes from the Hugging Face cache (``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1``
-    nothing is downloaded and a missing snapshot is an error saying how to fetch it. Which files
+    A snapshot already in the Hugging Face cache (``HF_HUB_CACHE``) is used as it is, without a
+    network call (a branch name resolves to the commit cached for it); a missing one is downloaded,
+    or with ``HF_HUB_OFFLINE=1`` is an error saying how to fetch it. Which files
     make the split is decided by `datasets` from the snapshot (README ``configs:`` or the standard
     ``data/<split>-*`` patterns), exactly as `load_dataset` would decide it.
     """
@@ -53,15 +54,13 @@ def hub_files(source: dict, hint) -> list[Path]:
     repo, revision = source["hub"], source.get("revision") or "main"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     cache = os.environ.get("HF_HUB_CACHE")
-    try:
-        folder = snapshot_download(repo, repo_type="dataset", revision=revision, cache_dir=cache,
-                                   local_files_only=offline)
+    try:  # the cache first: `status` and every rank must not touch the network for a cached snapshot
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision, cache_dir=cache, local_files_only=True)
     except LocalEntryNotFoundError:
-        raise DataError(
-            f"hub dataset {repo} at revision {revision} is not in the local Hugging Face cache"
-            f"{f' ({cache})' if cache else ''} and HF_HUB_OFFLINE is set; fetch it where there is network: "
-            f"`hf download {repo} --repo-type dataset --revision {revision}`"
-        ) from None
+        if offline:
+            raise DataError(_not_cached(repo, revision, cache)) from None
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision, cache_dir=cache)
+
     import datasets
 
     try:
@@ -78,3 +77,9 @@ def hub_files(source: dict, hint) -> list[Path]:
         raise DataError(f"hub dataset {repo}: {', '.join(odd[:3])} is stored as {builder.name}; "
                         f"cascadec reads {', '.join(HUB_FORMATS)} data files")
     return paths
+
+
+def _not_cached(repo: str, revision: str, cache: str | None) -> str:
+    return (f"hub dataset {repo} at revision {revision} is not in the local Hugging Face cache"
+            f"{f' ({cache})' if cache else ''} and HF_HUB_OFFLINE is set; fetch it where there is network: "
+            f"`hf download {repo} --repo-type dataset --revision {revision}`")
