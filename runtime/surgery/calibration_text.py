@@ -42,8 +42,11 @@ def pack(tokenizer, source: dict | None, *, samples: int, seq_len: int, offset: 
 
 
 def file_source(path: Path | None) -> dict | None:
-    """The data source for one ``--calibration FILE`` (``.jsonl``: field ``text``); None: builtin."""
+    """The data source for one ``--calibration FILE`` by its name: ``.parquet``, ``.jsonl`` (also
+    ``.gz``/``.zst``; field ``text`` in both), else text; None: builtin."""
     if path is None:
         return None
-    kind = "jsonl" if Path(path).suffix == ".jsonl" else "text"
+    name = Path(path).name
+    kind = ("parquet" if name.endswith(".parquet")
+            else "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")) else "text")
     return {"kind": kind, "paths": [str(path)], "field": "text"}

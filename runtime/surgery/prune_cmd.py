@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
                         "(nats/token, default 1.0)")
     p.add_argument("--tie-embeddings", action="store_true", help="tie the LM head to the input embedding")
     p.add_argument("--calibration", type=Path, metavar="FILE",
-                   help="calibration text (.txt) or jsonl with a 'text' field (default: Python's stdlib sources)")
+                   help="calibration text (.txt), or .jsonl(.gz/.zst) or .parquet with a 'text' field "
+                        "(default: Python's stdlib sources)")
     p.add_argument("--samples", type=int, default=64, metavar="N", help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help=argparse.SUPPRESS)

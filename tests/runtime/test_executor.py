@@ -296,6 +296,7 @@ def test_inputs_are_resolved_against_the_workspace_and_base_dir(monkeypatch, tmp
     assert seen["inputs"] == {"student": base.resolve() / "models/parent", "teacher": "org/big"}
     assert seen["data"] == {"corpus": {
         "kind": "text", "stream": True, "paths": [base.resolve() / "data/a.txt", base.resolve() / "data/b.txt"],
+        "name": "corpus",  # so a reader's error can say `set data.corpus.field`
     }}
     plan["data"]["corpus"]["paths"] = ["data/*.parquet"]
     lines = []

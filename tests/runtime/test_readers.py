@@ -332,3 +332,15 @@ def test_cascadec_run_reports_bad_data_as_one_located_error(tmp_path, tiny_model
                                     "(fields: body, id); set data.web.field "
                                     "(traceback in scratch/calibrate/small/traceback.txt)")
     assert "Traceback" not in out + err
+
+
+def test_prune_calibration_file_is_read_by_its_name(tmp_path):
+    from pathlib import Path
+
+    from cascadec.runtime.surgery.calibration_text import file_source
+
+    kinds = {n: file_source(Path(n))["kind"] for n in ("a.txt", "a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet")}
+    assert kinds == {"a.txt": "text", "a.jsonl": "jsonl", "a.jsonl.gz": "jsonl", "a.jsonl.zst": "jsonl",
+                     "a.parquet": "parquet"}
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes([{"text": d} for d in DOCS])))
+    assert read_all(file_source(Path("c.jsonl.gz"))) == DOCS
