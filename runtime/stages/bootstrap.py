@@ -16,10 +16,10 @@ from cascadec.shapes import Shape
 
 from ..context import StageContext
 from ..data.chat import ensure_template
-from ..training.fsdp import empty_on_this_rank
 from ..data.readers import Skips, documents, source_files
-from ..training.models import init_model
 from ..data.tokenizer import train_bpe
+from ..training.fsdp import empty_on_this_rank
+from ..training.models import init_model
 from ..training.train import on_cpu, train
 
 TOKENIZER_CHARS = 20_000_000  # BPE is trained on the first files up to this many characters
