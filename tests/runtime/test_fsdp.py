@@ -180,3 +180,25 @@ def test_activation_checkpointing_under_fsdp_recomputes_layers_and_changes_no_nu
     assert losses(plain.out) == losses(sharded.out)
     a, b = weights(plain.out), weights(sharded.out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_that_fits_replicated_stays_whole_and_changes_no_number(tiny_models, corpus, tmp_path):
+    local = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "fsdp"}
+    st = {**stage(steps=2), "launch": local, "estimate": {"memory_gb": 0.1, "device_memory_gb": 80}}
+    replicated = context(tmp_path / "replicated", st, dict(tiny_models), corpus)
+    metrics = distill.run(replicated)
+    assert metrics["teacher_placement"].startswith("replicated: the plan's estimate")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
+    assert metrics["teacher_params_per_rank"] == [sum(p.numel() for p in teacher.parameters())]
+    sharded = context(tmp_path / "sharded", {**st, "estimate": {}}, dict(tiny_models), corpus)
+    assert distill.run(sharded)["teacher_placement"].startswith("sharded")
+    assert losses(replicated.out) == losses(sharded.out)
+    a, b = weights(replicated.out), weights(sharded.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_under_fsdp_is_refused_by_the_runtime_too(tiny_models, corpus, tmp_path):
+    st = {**stage(steps=1, precision="fp16"), "launch": {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "fsdp"}}
+    with pytest.raises(ValueError, match=r"precision fp16 is not supported with strategy fsdp \(the compiler refuses "
+                                         r"it: CSC251\); use precision bf16"):
+        distill.run(context(tmp_path, st, dict(tiny_models), corpus))
