@@ -19,7 +19,7 @@ from stagekit import context, stage
 from transformers import AutoModelForCausalLM, modeling_utils
 
 from cascadec.runtime import executor
-from cascadec.runtime.stages import distill
+from cascadec.runtime.stages import control, distill
 from cascadec.runtime.training import fsdp
 from cascadec.runtime.training import train as train_module
 
@@ -202,3 +202,24 @@ def test_fp16_under_fsdp_is_refused_by_the_runtime_too(tiny_models, corpus, tmp_
     with pytest.raises(ValueError, match=r"precision fp16 is not supported with strategy fsdp \(the compiler refuses "
                                          r"it: CSC251\); use precision bf16"):
         distill.run(context(tmp_path, st, dict(tiny_models), corpus))
+
+
+@pytest.mark.slow
+def test_a_tied_control_model_initialised_on_rank_0_equals_the_one_process_run(tiny_models, corpus, tmp_path):
+    """control: rank 0 initialises the model from the seed, rank 1 builds it on the meta device and
+    receives rank 0's weights; the tied head is one parameter, written once."""
+    shape = dict(family="mistral", layers=2, hidden=32, ffn=64, heads=2, kv_heads=1, head_dim=16, vocab=320,
+                 tied_embeddings=True)
+    base = {**stage(), "kind": "control"}
+    base["config"] = {**base["config"], "shape": shape, "loss": None}
+    st = stage(base, steps=4, micro_batch=1)
+    one = context(tmp_path / "one", st, {"template": tiny_models["teacher"]}, corpus)
+    control.run(one)
+    ctx, metrics = spawn(tmp_path / "two", {**st, "launch": FSDP2}, {"template": tiny_models["teacher"]}, corpus,
+                         tmp_path / "cache")
+    assert metrics["processes"] == 2 and "teacher_placement" not in metrics
+    assert losses(ctx.out) == pytest.approx(losses(one.out), rel=1e-4)
+    a, b = weights(one.out), weights(ctx.out)
+    assert a.keys() == b.keys() and "lm_head.weight" not in b
+    assert max(relative_error(a[k], b[k]) for k in a) < 1e-4
+    assert AutoModelForCausalLM.from_pretrained(ctx.out / "model").config.tie_word_embeddings
