@@ -461,7 +461,7 @@ def test_launch_command_inside_a_slurm_job_runs_one_launcher_per_node(monkeypatc
     st = stage("a", launch={"devices": 16, "nodes": 2, "launcher": "slurm", "strategy": "fsdp"})
     cmd = executor.launch_command(st, Path("/w/ctx.json"), env={"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]"})
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "16", "--num_machines", "2",
-                "--main_process_ip", "10.1.0.7", "--main_process_port", "23456", "--dynamo_backend", "no", "--use_fsdp"]
+                "--main_process_ip", "10.1.0.7", "--main_process_port", "23456", "--dynamo_backend", "no", "--multi_gpu"]
     assert cmd == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c",
                    'exec "${@:1:14}" --machine_rank "$SLURM_NODEID" "${@:15}"', "launch",
                    *launcher, "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json"]
