@@ -347,6 +347,20 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             diag(code, f"{what}: precision fp16 is not supported with strategy fsdp", at,
                  "use `precision: bf16` (no loss scaling needed), or `strategy: ddp` for fp16; see docs/runtime.md")
 
+    # -- devices split evenly over nodes ------------------------------------------------------
+    # `accelerate launch --num_machines N` starts devices // N processes per node: 3 devices on 2
+    # nodes would train with 2 processes while the plan (batches, estimates) counts 3.
+    uneven: dict = {}
+    for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
+        devices, nodes = t.settings["resources.devices"], t.settings["resources.nodes"]
+        if devices % nodes:
+            key = "resources.nodes" if "resources.nodes" in t.settings.at else "resources.devices"
+            uneven.setdefault(t.settings.at.get(key, t.at), (what, devices, nodes))
+    for at, (what, devices, nodes) in uneven.items():
+        diag("CSC255", f"{what}: {devices} devices do not split evenly over {nodes} nodes", at,
+             f"`resources.devices` counts all nodes together: set it to a multiple of {nodes} "
+             f"(e.g. {nodes * max(1, devices // nodes)} for {max(1, devices // nodes)} per node)")
+
     # -- streamed data fits ------------------------------------------------------------------
     used: dict = {}
     for c, variant, t, ref in resolve.trainings(spec):

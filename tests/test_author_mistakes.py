@@ -174,6 +174,9 @@ MISTAKES = [
      ["17:99: error[CSC223]: 'small/short': global batch 16 is not a multiple of micro batch 4 x 3 devices | set "
       "`batch.global` to a multiple of 12, or change `batch.micro` or `resources.devices` | notes: batch.global = 16 "
       "is set at defaults.batch.global (line 11); batch.micro = 4 is set at defaults.batch.micro (line 11)"]),
+    ("devices-over-nodes", edit(("seq_len: 1024}", "seq_len: 1024, resources: {devices: 4, nodes: 3}}")),
+     ["17:109: error[CSC255]: 'small/short': 4 devices do not split evenly over 3 nodes | `resources.devices` "
+      "counts all nodes together: set it to a multiple of 3 (e.g. 3 for 1 per node)"]),
 
     # -- 9. smaller --------------------------------------------------------------------------------
     ("budget-rounds-down-a-lot", edit(("tokens: 1B", "tokens: 20K")),
