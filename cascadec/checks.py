@@ -10,7 +10,7 @@ import math
 
 import networkx as nx
 
-from . import resolve
+from . import mix, resolve
 from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
 from .shapes import config_errors, param_count, reachable
@@ -73,6 +73,18 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                 unknown("CSC203", "data source", src, (*d.at, "mix", src), data_names)
         if d.kind == "mix" and not d.mix:
             diag("CSC222", f"data '{d.name}' is a mix with no `mix:` sources", d.at, "add `mix: {source: weight}`")
+        if d.kind == "mix" and d.mix:
+            nested = [s for s in sorted(d.mix) if s in spec.data and spec.data[s].kind == "mix"]
+            for s in nested:
+                diag("CSC271", f"data '{d.name}' mixes '{s}', which is itself a mix", (*d.at, "mix", s),
+                     f"list the sources of '{s}' in '{d.name}' directly, with their weights multiplied out", key=True)
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in d.mix.values()):
+                continue  # the schema reports the weight
+            if (p := mix.period(d.mix)) > mix.MAX_PERIOD:
+                diag("CSC270", f"the weights of mix '{d.name}' need a period of {p:,} sequences "
+                     f"(at most {mix.MAX_PERIOD:,})", (*d.at, "mix"),
+                     "write the weights with fewer digits (0.7 and 0.3, or 7 and 3): sequences are "
+                     "interleaved in a fixed period whose length is the weights' common denominator")
         if d.kind == "builtin" and not d.builtin:
             diag("CSC222", f"data '{d.name}' is builtin but names no corpus", d.at, "add `builtin: stdlib` (or arithmetic)")
         if d.kind in ("text", "jsonl", "parquet", "tokenized") and not d.paths:
@@ -85,6 +97,12 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         elif name is not None:
             _check_format(diag, spec.data[name], at, reader)
 
+    def mixed(name, at, who):
+        """Bootstrap and calibration read a source's documents, not a token stream: no mix."""
+        if name in spec.data and spec.data[name].kind == "mix":
+            diag("CSC272", f"{who} reads '{name}', a mix; it reads one source's documents", at,
+                 f"name one of the sources of '{name}' ({', '.join(sorted(spec.data[name].mix))})")
+
     for j in spec.judges.values():
         if j.kind in ("pairwise_model", "rubric_model") and j.model is None:
             diag("CSC222", f"judge '{j.name}' of kind {j.kind} needs a `model`", j.at, "add `model: <a model name>`")
@@ -95,6 +113,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     for m in spec.models.values():
         if m.bootstrap is not None:
             check_data(m.bootstrap.data, (*m.bootstrap.at, "data"), "bootstrap")
+            mixed(m.bootstrap.data, (*m.bootstrap.at, "data"), f"the bootstrap of '{m.name}'")
         if m.arch is None and ("hub" in m.source or "bootstrap" in m.source):
             diag("CSC216", f"model '{m.name}' has no architecture", m.at,
                  "add `arch:` (layers, hidden, ffn, heads, kv_heads, vocab, ...); the compiler does not download configs")
@@ -177,6 +196,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             diag("CSC219", f"child '{c.name}' is pruned ({', '.join(shrinks)}) but no calibration data is named",
                  (*c.at, "pruning"), "add `pruning: {calibration: {data: <a data source>}}` or `defaults: {calibration: {data: ...}}`")
         check_data(c.calibration["calibration.data"], (*c.at, "pruning", "calibration", "data"), "calibration")
+        mixed(c.calibration["calibration.data"], (*c.at, "pruning", "calibration", "data"), f"calibration of '{c.name}'")
         removed = 1 - param_count(target) / param_count(source)
         if removed > 0.5:
             diag("CSC220", f"child '{c.name}' removes {removed:.0%} of the parameters of '{c.prune_from}' in one step",
@@ -326,40 +346,18 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                                                      if k in set_at else "is the default")
                         for k in keys if k != nearest])
 
-    # -- engines the runtime refuses (docs/runtime.md, Distributed training) -----------------
-    # DeepSpeed: Accelerate's engine would need its own accumulation, clipping and ZeRO config
+    # -- DeepSpeed is refused (docs/runtime.md, Distributed training) ------------------------
+    # Accelerate's DeepSpeed engine would need its own accumulation, clipping and ZeRO config
     # plumbing, and nothing here can install or test it; a plan that silently ran it wrong is
-    # worse than none. fp16 under FSDP2 would need a sharded gradient scaler reaching the loss's
-    # in-forward gradients; bf16 needs none. Each place that writes the value is reported once.
+    # worse than none. Each place that writes it is reported once.
     refused: dict = {}
     for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
-        strategy, precision = t.settings["resources.strategy"], t.settings["resources.precision"]
-        if strategy == "deepspeed":
-            refused.setdefault(("CSC250", t.settings.at.get("resources.strategy", t.at)), what)
-        if strategy == "fsdp" and precision == "fp16":
-            refused.setdefault(("CSC251", t.settings.at.get("resources.precision", t.at)), what)
-    for (code, at), what in refused.items():
-        if code == "CSC250":
-            diag(code, f"{what}: strategy deepspeed is not supported by the cascadec runtime", at,
-                 "use `strategy: fsdp` (FSDP2: parameters, gradients, optimizer state and the teacher sharded "
-                 "over the devices); see docs/runtime.md")
-        else:
-            diag(code, f"{what}: precision fp16 is not supported with strategy fsdp", at,
-                 "use `precision: bf16` (no loss scaling needed), or `strategy: ddp` for fp16; see docs/runtime.md")
-
-    # -- devices split evenly over nodes ------------------------------------------------------
-    # `accelerate launch --num_machines N` starts devices // N processes per node: 3 devices on 2
-    # nodes would train with 2 processes while the plan (batches, estimates) counts 3.
-    uneven: dict = {}
-    for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
-        devices, nodes = t.settings["resources.devices"], t.settings["resources.nodes"]
-        if devices % nodes:
-            key = "resources.nodes" if "resources.nodes" in t.settings.at else "resources.devices"
-            uneven.setdefault(t.settings.at.get(key, t.at), (what, devices, nodes))
-    for at, (what, devices, nodes) in uneven.items():
-        diag("CSC255", f"{what}: {devices} devices do not split evenly over {nodes} nodes", at,
-             f"`resources.devices` counts all nodes together: set it to a multiple of {nodes} "
-             f"(e.g. {nodes * max(1, devices // nodes)} for {max(1, devices // nodes)} per node)")
+        if t.settings["resources.strategy"] == "deepspeed":
+            refused.setdefault(t.settings.at.get("resources.strategy", t.at), what)
+    for at, what in refused.items():
+        diag("CSC250", f"{what}: strategy deepspeed is not supported by the cascadec runtime", at,
+             "use `strategy: fsdp` (FSDP2: parameters, gradients, optimizer state and the teacher sharded "
+             "over the devices); see docs/runtime.md")
 
     # -- streamed data fits ------------------------------------------------------------------
     used: dict = {}

@@ -37,7 +37,7 @@ def _edge_kind(role: str) -> str:
         return "teaches"
     if role.startswith("judge:"):
         return "judges"
-    return "reads" if role == "data" else "flow"
+    return "reads" if role in ("data", "tokens") else "flow"
 
 
 def edges(plan: dict) -> list[Edge]:
@@ -155,7 +155,8 @@ def _teacher(stage: dict, by_id: dict) -> str | None:
 
 
 def _data_of(stage: dict) -> str:
-    return next((i["data"] for i in stage["inputs"] if i["role"] == "data"), "-")
+    named = ((stage.get("config") or {}).get("data") or {}).get("name")  # also when read as tokens
+    return named or next((i["data"] for i in stage["inputs"] if i["role"] == "data"), "-")
 
 
 def _cut(prune: dict) -> str:
@@ -275,8 +276,12 @@ def _teaches(plan: dict, by_id: dict) -> list[str]:
     reads: dict[str, list[str]] = {}
     for s in plan["stages"]:
         for i in s["inputs"]:
-            if i["role"] == "data" and s["kind"] not in reads.setdefault(i["data"], []):
-                reads[i["data"]].append(s["kind"])
+            if s["kind"] == "tokenize":
+                continue
+            data = i.get("data") or (by_id[i["stage"]]["config"]["data"]["name"]
+                                     if "stage" in i and by_id[i["stage"]]["kind"] == "tokenize" else None)
+            if data and s["kind"] not in reads.setdefault(data, []):
+                reads[data].append(s["kind"])
     if reads:
         width = max(len(d) for d in reads)
         out += ["data:"] + [f"  {d:<{width}}  -> {', '.join(ks)}" for d, ks in reads.items()]

@@ -3,7 +3,9 @@
     bootstrap/parent ─▶ calibrate/c1 ─▶ prune/c1 ─▶ distill/c1/short ─▶ distill/c1/long ─▶ sft/c1/instruct/sft …
                                                           │
                                                           └─▶ calibrate/c2 ─▶ prune/c2 ─▶ …   (prune_from: c1/short)
-    teachers, calibration sources and starting checkpoints are edges too; control/<child> trains
+    teachers, calibration sources and starting checkpoints are edges too; tokenize/<data>/<model>
+    tokenises a source once per tokenizer (the root model's: pruning copies it) for every stage
+    that reads it as tokens (distill, control, teacher-logits, eval); control/<child> trains
     the child's shape from scratch on its tokens; eval/<child> and export/<child> hang off a
     child's checkpoints; report/<family> collects every eval.
 
@@ -20,13 +22,13 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import estimate, resolve
+from . import estimate, mix, resolve
 from .shapes import Shape, param_count
 from .source import where
 from .spec import ChildSpec, FamilySpec, Training
 
 TRAINING_GROUPS = ("optimizer", "schedule", "batch", "checkpoint")
-SLURM_OPTIONS = ("partition", "account", "qos", "max_hours")
+SLURM_OPTIONS = ("partition", "account", "qos")
 LOCAL = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "none"}
 # Calibration scores each pruning method reads (see runtime/surgery/keep.py).
 SCORES = {"norm_ratio": "norm_ratio", "block_influence": "block_influence", "angular": "angular",
@@ -50,14 +52,14 @@ def _launch(settings) -> tuple[dict, dict]:
 
 
 def _slurm(settings) -> dict:
-    """Slurm options set in the spec (partition, account, qos, max_hours): rendered by `plan --emit`,
+    """`#SBATCH` options set in the spec (partition, account, qos): rendered by `plan --emit`,
     not hashed (where a stage is queued does not change what it computes)."""
     if settings is None:
         return {}
     return {k: settings[f"resources.{k}"] for k in SLURM_OPTIONS if settings[f"resources.{k}"] is not None}
 
 
-def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int) -> tuple[dict, dict]:
+def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int, sources: dict | None = None) -> tuple[dict, dict]:
     """The keys every training stage shares (docs/plan.md), and their provenance."""
     s = t.settings
     warmup = s["schedule.warmup_steps"]
@@ -71,7 +73,7 @@ def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int) -> 
         "global_batch": s["batch.global"],
         "micro_batch": s["batch.micro"],
         "steps": steps,
-        "data": {"name": t.data, "offset": offset, "shuffle": spec.data[t.data].shuffle},
+        "data": {"name": t.data, "offset": offset, "shuffle": spec.data[t.data].shuffle, **_mix_config(spec, t.data, sources)},
         "optimizer": s.group("optimizer"),
         "schedule": {"kind": s["schedule.kind"], "warmup_steps": warmup},
         "checkpoint": s.group("checkpoint"),
@@ -81,6 +83,14 @@ def _training_config(t: Training, spec: FamilySpec, steps: int, offset: int) -> 
     }
     prov["config.activation_checkpointing"] = s.provenance["resources.activation_checkpointing"]
     return config, prov
+
+
+def _mix_config(spec: FamilySpec, data: str, sources: dict | None) -> dict:
+    """The keys a stage reading a mix adds to `config.data`: the weights and, per source, the
+    window it reads (offset, sequences, tokens). Empty for a plain source."""
+    if sources is None:
+        return {}
+    return {"mix": dict(sorted(spec.data[data].mix.items())), "sources": sources}
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class Window:
     ref: str
     steps: int
     offset: int
+    sources: dict | None = None  # per-source windows of a mix (`Builder.mix_window`)
 
     @property
     def tokens(self) -> int:
@@ -132,10 +143,63 @@ class Builder:
         cp = self.cps[ref]
         return self.shapes[cp.model or cp.child]
 
+    def tokenizer_of(self, ref: str) -> str:
+        """The model whose tokenizer checkpoint ``ref`` carries: pruning copies the tokenizer, so a
+        child's is the root of its cascade (a model of the spec, or one bootstrapped here)."""
+        cp = self.cps[ref]
+        while cp.model is None:
+            cp = resolve.lookup(next(x for x in self.spec.children if x.name == cp.child).prune_from, self.cps)
+        return cp.model
+
+    def tokens(self, data: str, model: str) -> dict:
+        """The input that reads source ``data`` tokenised with ``model``'s tokenizer: the output of
+        tokenize/<data>/<model>, planned here on first use and shared by every later reader
+        (a `tokenized` source too: its ids are copied into the same shards, EOS after each
+        document, so every reader has one format)."""
+        sid = resolve.stage_id("tokenize", data, model)
+        if sid not in self.g:
+            launch, lprov = _launch(self.spec.defaults)
+            launch["strategy"] = "none"  # no model: processes only split the files
+            self.add({"id": sid, "kind": "tokenize",
+                      "inputs": [self.checkpoint("tokenizer", model), {"role": "data", "data": data}],
+                      "outputs": [_path(sid, "tokens")], "config": {"data": {"name": data}},
+                      "launch": launch, "provenance": {**lprov, "launch.strategy": "default: tokenize loads no model"},
+                      "_n": 0, "_tokens": self.spec.data[data].tokens or 0})
+        return {"role": "tokens", "stage": sid, "path": _path(sid, "tokens")}
+
     def budget(self, settings=None) -> float | None:
         """Device memory (GB) a stage must fit in: `resources.memory_gb`, else the device's."""
         given = settings["resources.memory_gb"] if settings is not None else None
         return given if given is not None else self.spec.hardware["memory_gb"]
+
+    def mix_window(self, data: str, seq_len: int, sequences: int, starts: dict | None = None) -> dict | None:
+        """Per source of mix ``data``: the window a stage of ``sequences`` sequences reads
+        ({offset, sequences, tokens}); None when ``data`` is not a mix. A streamed mix advances
+        each source's own offset (the single-pass rule per source); ``starts`` fixes the offsets
+        instead (a control reads its first phase's windows)."""
+        d = self.spec.data[data]
+        if d.kind != "mix":
+            return None
+        out = {}
+        for name, n in mix.counts(d.mix, sequences).items():
+            tokens = n * seq_len
+            if starts is not None:
+                offset = starts[name]["offset"]
+            elif d.stream:
+                offset = self.offsets.get(f"mix:{name}", 0)
+                self.offsets[f"mix:{name}"] = offset + tokens
+            else:
+                offset = 0
+            out[name] = {"offset": offset, "sequences": n, "tokens": tokens}
+        return out
+
+    def reading(self, data: str, model: str) -> list[dict]:
+        """The inputs of a stage reading ``data`` as tokens of ``model``'s tokenizer: one
+        tokenize output, or for a mix one per source (role `tokens:<source>`)."""
+        d = self.spec.data[data]
+        if d.kind != "mix":
+            return [self.tokens(data, model)]
+        return [{**self.tokens(name, model), "role": f"tokens:{name}"} for name in sorted(d.mix)]
 
     def window(self, data: str, tokens: int) -> int:
         """Offset of the next window of a streamed source; 0 for a source every stage rereads."""
@@ -168,7 +232,11 @@ class Builder:
         out = []
         for c, variant, t, ref in resolve.trainings(self.spec):
             w = Window(c, variant, t, ref, resolve.steps(t, self.spec) or 0, 0)
-            out.append(dataclasses.replace(w, offset=self.window(t.data, w.tokens)) if w.tokens else w)
+            if w.tokens and self.spec.data[t.data].kind == "mix":
+                w = dataclasses.replace(w, sources=self.mix_window(t.data, t.seq_len, w.steps * t.settings["batch.global"]))
+            elif w.tokens:
+                w = dataclasses.replace(w, offset=self.window(t.data, w.tokens))
+            out.append(w)
         return out
 
     def teacher_caches(self, windows: list[Window]) -> dict[str, str]:
@@ -177,7 +245,8 @@ class Builder:
         groups: dict = {}
         for w in windows:
             t, top_k = w.training, w.training.settings["loss.top_k"]
-            if t.teacher is not None and top_k is not None and t.kind in ("distill", "sft"):
+            # a mix is read sequence by sequence from several streams: not cached (docs/plan.md)
+            if t.teacher is not None and top_k is not None and t.kind in ("distill", "sft") and w.sources is None:
                 teacher = resolve.lookup(t.teacher, self.cps, w.child).ref
                 groups.setdefault((teacher, t.data, w.offset, t.seq_len, top_k), []).append(w)
         cache_of = {}
@@ -189,7 +258,7 @@ class Builder:
             first = users[0].training
             launch, lprov = _launch(first.settings)
             self.add({"id": sid, "kind": "teacher-logits",
-                      "inputs": [self.checkpoint("teacher", teacher), {"role": "data", "data": data}],
+                      "inputs": [self.checkpoint("teacher", teacher), self.tokens(data, self.tokenizer_of(teacher))],
                       "outputs": [_path(sid, "logits")],
                       "config": {"seq_len": seq_len, "tokens": max(w.tokens for w in users),
                                  "data": {"name": data, "offset": offset}, "top_k": top_k,
@@ -238,10 +307,10 @@ class Builder:
         """distill/<child>/<phase> or <kind>/<child>/<variant>/<step>."""
         c, t, ref = w.child, w.training, w.ref
         at = where(t.at)
-        config, prov = _training_config(t, self.spec, w.steps, w.offset)
+        config, prov = _training_config(t, self.spec, w.steps, w.offset, w.sources)
         start = resolve.lookup(resolve.starts(c)[ref], self.cps, c).ref
-        inputs = [self.checkpoint("student" if t.kind in ("distill", "sft") else "policy", start),
-                  {"role": "data", "data": t.data}]
+        reads = self.reading(t.data, self.tokenizer_of(start)) if t.kind == "distill" else [{"role": "data", "data": t.data}]
+        inputs = [self.checkpoint("student" if t.kind in ("distill", "sft") else "policy", start), *reads]
         n_teacher, teacher_shape = 0, None
         if t.teacher is not None:
             teacher = resolve.lookup(t.teacher, self.cps, c).ref
@@ -297,15 +366,15 @@ class Builder:
         phases = [self.g.nodes[self.cps[f"{c.name}/{p.name}"].stage]["stage"]["config"] for p in c.phases]
         per_step = first.seq_len * first.settings["batch.global"]
         n = sum(p["tokens"] for p in phases) // per_step
-        config, prov = _training_config(first, self.spec, n, phases[0]["data"]["offset"])
+        starts = phases[0]["data"].get("sources")
+        sources = starts and self.mix_window(first.data, first.seq_len, n * first.settings["batch.global"], starts)
+        config, prov = _training_config(first, self.spec, n, phases[0]["data"]["offset"], sources)
         config.update(shape=self.shapes[c.name].axes(), tokens=n * per_step)
         launch, lprov = _launch(first.settings)
-        root = resolve.lookup(c.prune_from, self.cps)
-        while root.child is not None:  # the tokenizer comes from the root of the cascade
-            root = resolve.lookup(next(x for x in self.spec.children if x.name == root.child).prune_from, self.cps)
+        root = self.tokenizer_of(c.prune_from)  # the tokenizer comes from the root of the cascade
         sid = resolve.stage_id("control", c.name)
         self.add({"id": sid, "kind": "control",
-                  "inputs": [self.checkpoint("template", root.ref), {"role": "data", "data": first.data}],
+                  "inputs": [self.checkpoint("template", root), *self.reading(first.data, root)],
                   "outputs": [_path(sid, "model")], "config": config, "launch": launch,
                   "provenance": {**prov, **lprov, "config.tokens": "same tokens as the child's distillation phases"},
                   "_n": param_count(self.shapes[c.name]), "_shape": self.shapes[c.name],
@@ -320,10 +389,14 @@ class Builder:
         launch.update(devices=max(1, launch["devices"] // nodes), nodes=1, strategy="none")
         prov.update({"launch.devices": f"one node of {prov['launch.devices']}", "launch.nodes": "eval runs on one node",
                      "launch.strategy": "eval replicates the model on each device"})
+        zeros = {name: {"offset": 0} for name in self.spec.data[ev.data].mix}  # every eval reads from the start
         self.add({"id": sid, "kind": "eval",
-                  "inputs": [self.checkpoint(f"checkpoint:{n}", n) for n in names] + [{"role": "data", "data": ev.data}],
+                  "inputs": [self.checkpoint(f"checkpoint:{n}", n) for n in names]
+                  + self.reading(ev.data, self.tokenizer_of(names[0])),
                   "outputs": [_path(sid, "eval.json")],
-                  "config": {"data": {"name": ev.data, "offset": 0}, "tokens": ev.tokens, "seq_len": ev.seq_len,
+                  "config": {"data": {"name": ev.data, "offset": 0, **_mix_config(self.spec, ev.data, self.mix_window(
+                                 ev.data, ev.seq_len, ev.tokens // ev.seq_len, starts=zeros))},
+                             "tokens": ev.tokens, "seq_len": ev.seq_len,
                              "checkpoints": names, "precision": s["resources.precision"],
                              "micro_batch": estimate.eval_batch(ev.seq_len), "chunk_tokens": s["loss.chunk_tokens"]},
                   "launch": launch, "provenance": {**prov, "config.precision": s.provenance["resources.precision"],

@@ -108,7 +108,7 @@ def emit(g: nx.DiGraph, spec: FamilySpec) -> dict:
     data = {name: _data_identity(spec, name) for name in spec.data}
     totals = {
         "stages": len(stages),
-        "tokens": sum(s["estimate"]["tokens"] for s in stages if s["kind"] not in ("eval", "calibrate")),
+        "tokens": sum(s["estimate"]["tokens"] for s in stages if s["kind"] not in ("eval", "calibrate", "tokenize")),
         "flops": sum(s["estimate"]["flops"] for s in stages),
         "device_hours": round(sum(s["estimate"]["device_hours"] for s in stages), 2),
         "hardware": {"device": spec.hardware["device"], "peak_tflops": spec.hardware["peak_tflops"],

@@ -24,6 +24,7 @@ def _lazy(module: str):
 
 
 STAGES = {
+    "tokenize": _lazy("tokenize"),
     "bootstrap": _lazy("bootstrap"),
     "calibrate": _lazy("calibrate"),
     "prune": _lazy("prune"),

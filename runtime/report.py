@@ -77,9 +77,17 @@ def collect(plan: dict, workdir: Path) -> dict:
                             **((man.get("metrics") or {}).get("reconstruction") or {})})
     curves = {sid: [(r.get("tokens"), r.get("loss")) for r in _metrics(workdir / "stages" / sid / "metrics.jsonl")]
               for sid, s in stages.items() if s["kind"] in TRAINING}
+    mixes = []  # stages that read a weighted mix: planned and read tokens per source
+    for sid, s in stages.items():
+        sources = ((s.get("config") or {}).get("data") or {}).get("sources")
+        if sources:
+            read = ((_read_json(workdir / "stages" / sid / "manifest.json") or {}).get("metrics") or {}).get("source_tokens") or {}
+            mixes.append({"stage": sid, "data": s["config"]["data"]["name"],
+                          "sources": {k: {"planned": w["tokens"], "offset": w["offset"], "read": read.get(k)}
+                                      for k, w in sorted(sources.items())}})
     return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
             "losses": losses, "stages": spent, "pruning": pruning, "curves": {k: v for k, v in curves.items() if v},
-            "totals": plan["totals"]}
+            "mixes": mixes, "totals": plan["totals"]}
 
 
 def plots(data: dict, out: Path) -> list[str]:
@@ -158,6 +166,15 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
     lines += ["", "KL (nats/token) of the freshly pruned model to the checkpoint it was cut from, on the first "
               "calibration sequences, over the source's top-64 tokens plus the rest (a lower bound of the full "
               "KL); ⚠ marks a cut above the warning threshold (its manifest holds the warning).", ""]
+    if data.get("mixes"):
+        lines += ["## Data mixes: tokens per source", "",
+                  "| stage | mix | source | offset | planned tokens | tokens read |", "| --- | --- | --- | ---: | ---: | ---: |"]
+        for m in data["mixes"]:
+            for name, w in m["sources"].items():
+                lines.append(f"| {m['stage']} | {m['data']} | {name} | {w['offset']:,} | {w['planned']:,} | "
+                             f"{'–' if w['read'] is None else format(w['read'], ',')} |")
+        lines += ["", "Each source is read once, in consecutive windows (offset = tokens of that source read by "
+                  "earlier stages); sequences are interleaved by weight (docs/data.md).", ""]
     lines += ["## Compute: planned and spent", "",
               "| stage | kind | planned tokens | tokens seen | planned device-hours | wall time |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]

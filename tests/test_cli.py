@@ -228,7 +228,7 @@ def test_graph_draws_models_data_teachers_and_one_group_per_child(name):
     inputs = [(i, s) for s in plan["stages"] for i in s["inputs"]]
     teaching = sum(i["role"] in ("teacher", "teacher_logits") for i, _ in inputs)
     judging = sum(i["role"].startswith("judge:") for i, _ in inputs)
-    data = sum(i["role"] == "data" for i, _ in inputs)
+    data = sum(i["role"] in ("data", "tokens") for i, _ in inputs)  # dotted: a source read, as files or as tokens
     assert teaching and data
     dot = cascadec("graph", f"specs/{name}.yaml", "--format", "dot").out
     assert dot.startswith("digraph plan {\n") and dot.endswith("}\n")
@@ -352,7 +352,7 @@ def test_dry_run_of_a_plan_with_post_training_stages_exits_2(tmp_path):
     run = cascadec_subprocess("run", str(REPO / "specs" / "ministral3.yaml"), "--dry-run", "--workdir", "w", cwd=tmp_path)
     assert run.code == 2, run.err
     lines = run.out.splitlines()
-    assert [line for line in lines if line.endswith("up to date.")] == ["39 to run, 0 up to date."]
+    assert [line for line in lines if line.endswith("up to date.")] == ["43 to run, 0 up to date."]
     assert {line.split()[1].split("/")[0] for line in lines if line.startswith("run ")} >= {"sft", "odpo", "grpo"}
     for line in [line for line in lines if line.startswith("warning:")]:  # none once every kind is implemented
         assert re.fullmatch(r"warning: a run would refuse to start: stage kind '(sft|odpo|grpo)' is not implemented in "

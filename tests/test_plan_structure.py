@@ -110,7 +110,8 @@ def test_one_teacher_logits_cache_serves_the_three_instruct_sfts(m3):
     users = [f"ministral-3-{size}/instruct/sft" for size in ("14b", "3b", "8b")]
     assert cache["config"]["users"] == users
     assert {"role": "teacher", "model": "mistral-medium-3"} in cache["inputs"]
-    assert {"role": "data", "data": "sft-instruct"} in cache["inputs"]
+    assert {"role": "tokens", "stage": "tokenize/sft-instruct/mistral-medium-3",
+            "path": "stages/tokenize/sft-instruct/mistral-medium-3/tokens"} in cache["inputs"]
     assert cache["config"]["top_k"] == 128
     for user in users:
         sft = m3[f"sft/{user}"]

@@ -1,29 +1,30 @@
-"""Token streams for training stages: tokenise source documents (cached), pack, shard.
+"""Token streams for training stages: open a source's token shards, pack, shard over processes.
 
 Owns the exact token arithmetic: a stage reads ``steps × seq_len × global_batch`` tokens starting
 ``data.offset`` tokens into the stream. It must not know about models or losses.
 
-The stream is the concatenation, in sorted file order, of every document's tokens followed by
-the tokenizer's EOS. Each *file* is tokenised once and cached under a content key
-(sha256 of the file's bytes, the reader kind/field and the tokenizer files). ``seq_len`` is
-deliberately not part of the key: packing is a slice of the stream, so a 16k and a 256k phase
-over the same data share one cache. Files are tokenised lazily, only as far as a stage needs.
+The stream is the concatenation, in the readers' file order, of every document's tokens followed
+by the tokenizer's EOS, stored as token shards (`shards.py`): written by the plan's `tokenize`
+stage for its (source, tokenizer), or, for a stage without one, into the workspace cache as far
+as the stage needs. ``seq_len`` is deliberately not part of either: packing is a slice of the
+stream, so a 16k and a 256k phase over the same data share one tokenisation.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .readers import documents, source_files
+from cascadec import mix
+
+from .readers import source_files
+from .shards import FORMAT, Shards, finish, tokenize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -108,76 +109,95 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def tokenize_file(path: Path, source: dict, tokenizer, fingerprint: str, cache: Path) -> Path:
-    """Tokenise one file (EOS after every document) unless cached; return the cached shard."""
-    kind, field = source.get("kind", "text"), source.get("field") or "text"
-    key = hashlib.sha256(f"v1\0{kind}\0{field}\0{fingerprint}\0".encode() + path.read_bytes()).hexdigest()
-    shard = Path(cache) / key[:2] / f"{key}.safetensors"
-    if shard.exists():
-        return shard
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; documents could not be separated")
-    ids: list[int] = []
-    for encoded in tokenizer(list(documents(path, source)), add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(eos)
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    tmp = shard.with_suffix(f".tmp{os.getpid()}")
-    save_file({"tokens": torch.tensor(ids, dtype=torch.int32)}, str(tmp), metadata={"source": str(path)})
-    os.replace(tmp, shard)  # atomic: a killed run never leaves a half-written shard
-    return shard
-
-
 class TokenStream:
-    """The concatenated token stream of a source, read by ranges without loading it whole."""
+    """The concatenated token stream of a shard folder (see `shards.py`), read by offset in
+    O(log files) with constant memory."""
 
-    def __init__(self, shards: list[Path]):
-        self.shards = shards
-        self.lengths = [shard_length(s) for s in shards]
+    def __init__(self, folder: Path):
+        self.shards = Shards(folder)
+        self.index = self.shards.index
 
     def __len__(self) -> int:
-        return sum(self.lengths)
+        return len(self.shards)
 
     def read(self, start: int, end: int) -> torch.Tensor:
         """Tokens [start, end) of the stream as int64."""
-        parts, base = [], 0
-        for shard, length in zip(self.shards, self.lengths):
-            lo, hi = max(start - base, 0), min(end - base, length)
-            if lo < hi:
-                with safe_open(str(shard), "pt") as f:
-                    parts.append(f.get_slice("tokens")[lo:hi])
-            base += length
-        out = torch.cat(parts).long() if parts else torch.empty(0, dtype=torch.long)
-        if out.numel() != end - start:
-            raise IndexError(f"stream has {len(self)} tokens; asked for [{start}, {end})")
-        return out
+        return torch.from_numpy(self.shards.read(start, end))
+
+    def sequence(self, window: Window, index: int) -> torch.Tensor:
+        """The window's ``index``-th packed sequence."""
+        return self.read(*window.sequence(index))
 
 
-def shard_length(shard: Path) -> int:
-    with safe_open(str(shard), "pt") as f:
-        return f.get_slice("tokens").get_shape()[0]
+class MixStream:
+    """A weighted mix of token streams, read sequence by sequence (`cascadec/mix.py` decides
+    which source each sequence comes from): the window's sequence i is source s's j-th
+    sequence after that source's own offset, so each source is read consecutively."""
+
+    def __init__(self, streams: dict[str, TokenStream], weights: dict, sources: dict):
+        self.streams, self.weights, self.sources = streams, weights, sources
+
+    def sequence(self, window: Window, index: int) -> torch.Tensor:
+        name, j = mix.locate(self.weights, index)
+        start = self.sources[name]["offset"] + j * window.seq_len
+        return self.streams[name].read(start, start + window.seq_len)
+
+    def source_of(self, index: int) -> str:
+        return mix.locate(self.weights, index)[0]
+
+
+def _short(where, have: int, files: int, need: int) -> ValueError:
+    return ValueError(f"data {where} has {have:,} tokens ({files} files) with this tokenizer; "
+                      f"the stage needs {need:,} (offset + steps × seq_len × global_batch)")
 
 
 def open_stream(source: dict, tokenizer, tokenizer_dir: Path, cache: Path, need: int,
                 log: Callable[[str], None] = print) -> TokenStream:
-    """Tokenise files in order until the stream holds ``need`` tokens; fail clearly if it cannot."""
+    """Tokenise ``source``'s files in order, as far as ``need`` tokens, into a cache folder of
+    ``cache`` and open the stream; fail clearly if the source is too short.
+
+    For stages with no `tokenize` stage upstream (bootstrap trains its own tokenizer; tests).
+    The folder is keyed by the source's reader settings, its file names and the tokenizer's
+    files; each file's shard is redone when the file's size or mtime moved (`shards.py`)."""
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    shards, total = [], 0
     files = source_files(source)
-    for _, path in files:
-        if total >= need:
-            break
-        shards.append(tokenize_file(path, source, tokenizer, fingerprint, cache))
-        total += shard_length(shards[-1])
-    if total < need:
-        where = source.get("builtin") or source.get("paths")
-        raise ValueError(
-            f"data {where} has {total:,} tokens ({len(files)} files) with this tokenizer; "
-            f"the stage needs {need:,} (offset + steps × seq_len × global_batch)"
-        )
-    log(f"data: {len(shards)} of {len(files)} files, {total:,} tokens (need {need:,})")
-    return TokenStream(shards)
+    settings = {k: v for k, v in source.items() if k != "paths"}
+    key = hashlib.sha256(json.dumps({"format": FORMAT, "source": settings, "tokenizer": fingerprint,
+                                     "files": [name for name, _ in files]}, sort_keys=True, default=str).encode())
+    folder = Path(cache) / "tokens" / key.hexdigest()[:20]
+    receipts = tokenize(files, source, tokenizer, folder, need=need, log=log, progress=False)
+    index = finish(files[:len(receipts)], folder, folder, vocab=len(tokenizer), eos=tokenizer.eos_token_id,
+                   tokenizer_sha256=fingerprint)
+    if index["tokens"] < need:
+        raise _short(source.get("builtin") or source.get("paths"), index["tokens"], len(files), need)
+    log(f"data: {len(receipts)} of {len(files)} files, {index['tokens']:,} tokens (need {need:,})")
+    return TokenStream(folder)
+
+
+def stage_stream(ctx, tokenizer, tokenizer_dir: Path, need: int) -> TokenStream | MixStream:
+    """The token stream a stage reads: its `tokenize` stage's shards (input `tokens`) when the
+    plan has one, checked against the stage's tokenizer; else `open_stream` over its source.
+    A stage reading a mix gets a `MixStream` over one stream per source (roles `tokens:<s>`),
+    each checked to hold the source's window (``need`` is then the plan's, per source)."""
+    data = ctx.config.get("data") or {}
+    if data.get("sources"):
+        streams = {name: shard_stream(ctx.inputs[f"tokens:{name}"], tokenizer_dir, w["offset"] + w["tokens"])
+                   for name, w in data["sources"].items()}
+        return MixStream(streams, data["mix"], data["sources"])
+    if "tokens" not in ctx.inputs:
+        return open_stream(ctx.source(), tokenizer, tokenizer_dir, ctx.token_cache(), need, ctx.log)
+    return shard_stream(ctx.inputs["tokens"], tokenizer_dir, need)
+
+
+def shard_stream(folder: Path, tokenizer_dir: Path, need: int) -> TokenStream:
+    """A tokenize stage's shards, refused when made with another tokenizer or too short."""
+    stream = TokenStream(folder)
+    if stream.index["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer_dir):
+        raise ValueError(f"{folder} was tokenised with another tokenizer than {tokenizer_dir}'s; "
+                         "the plan's tokenize stage must use the tokenizer of the models that read it")
+    if len(stream) < need:
+        raise _short(folder, len(stream), len(stream.index["files"]), need)
+    return stream
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +216,20 @@ def micro_batches(stream: TokenStream, window: Window, step: int, rank: int, wor
     first = step * window.global_batch + rank * per_rank
     for m in range(per_rank // micro_batch):
         indices = [window.visit(p) for p in range(first + m * micro_batch, first + (m + 1) * micro_batch)]
-        rows = [stream.read(*window.sequence(i)) for i in indices]
+        rows = [stream.sequence(window, i) for i in indices]
         yield torch.stack(rows), indices
+
+
+def source_tokens(stream, window: Window, rank: int, world: int) -> dict[str, int]:
+    """Tokens of each mix source among the sequences process ``rank`` reads over the whole
+    window (the positions `micro_batches` visits); summed over processes, the stage's counts."""
+    per_rank = window.global_batch // world
+    counts = dict.fromkeys(sorted(stream.sources), 0)
+    for step in range(window.steps):
+        first = step * window.global_batch + rank * per_rank
+        for p in range(first, first + per_rank):
+            counts[stream.source_of(window.visit(p))] += window.seq_len
+    return counts
 
 
 def per_process(global_batch: int, world: int, micro_batch: int) -> int:

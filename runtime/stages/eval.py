@@ -21,7 +21,7 @@ import torch
 import transformers as tf
 
 from ..context import StageContext
-from ..data.stream import open_stream
+from ..data.stream import Window, stage_stream
 from ..training.kd import nll_sum
 from ..training.models import load_model
 from ..training.train import decoder_hidden, next_token_labels, on_cpu
@@ -41,11 +41,12 @@ def heldout_loss(model, stream, tokens: int, seq_len: int, *, batch: int = 8, ch
     """
     device = device or next(model.parameters()).device
     head = model.get_output_embeddings().weight
+    window = Window(seq_len=seq_len, global_batch=1, steps=tokens // seq_len)  # the first sequences (a mix: by weight)
     mine = list(range(rank, tokens // seq_len, world))
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     for first in range(0, len(mine), batch):
-        ids = torch.stack([stream.read(i * seq_len, (i + 1) * seq_len) for i in mine[first:first + batch]]).to(device)
+        ids = torch.stack([stream.sequence(window, i) for i in mine[first:first + batch]]).to(device)
         loss, n = nll_sum(decoder_hidden(model, ids), head, next_token_labels(ids), chunk_tokens)
         total += loss.double()
         count += n
@@ -61,14 +62,13 @@ def run(ctx: StageContext) -> dict:
     precision = cfg.get("precision", "fp32")
     state = PartialState(cpu=on_cpu())
     reduce = (lambda t: _sum(t, state)) if state.num_processes > 1 else None
-    source = ctx.source()
     results = {}
     for name in cfg["checkpoints"]:
         path = ctx.inputs[ROLE + name]
         started = time.time()
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
-        with state.main_process_first():  # the main process tokenises; the others read its cache
-            stream = open_stream(source, tokenizer, path, ctx.token_cache(), cfg["tokens"], log=ctx.log)
+        with state.main_process_first():  # without a tokenize stage the main process tokenises first
+            stream = stage_stream(ctx, tokenizer, path, cfg["tokens"])
         model = load_model(path, dtype=DTYPES[precision]).to(state.device).eval()
         loss, count = heldout_loss(model, stream, cfg["tokens"], cfg["seq_len"],
                                    batch=int(cfg.get("micro_batch") or 8),

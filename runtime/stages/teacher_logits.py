@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from ..context import StageContext
-from ..data.stream import Window, open_stream, tokenizer_fingerprint
+from ..data.stream import Window, stage_stream, tokenizer_fingerprint
 from ..training.models import load_model
 from ..training.topk_cache import FORMAT, INDEX, ids_digest, value_dtype
 from ..training.train import decoder_hidden, mixed_precision, on_cpu
@@ -45,7 +45,7 @@ def run(ctx: StageContext) -> dict:
     teacher.eval().requires_grad_(False).to(state.device)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     with state.main_process_first():
-        stream = open_stream(ctx.source(), tokenizer, teacher_dir, ctx.token_cache(), window.offset + tokens, ctx.log)
+        stream = stage_stream(ctx, tokenizer, teacher_dir, window.offset + tokens)
 
     shards = Path(ctx.scratch) / "shards"
     shards.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> dict:
         path = shards / f"shard-{b:09d}.safetensors"
         if path.exists():
             continue
-        ids = torch.stack([stream.read(*window.sequence(i)) for i in range(b, min(b + BLOCK, sequences))])
+        ids = torch.stack([stream.sequence(window, i) for i in range(b, min(b + BLOCK, sequences))])
         values, indices, rest = top_k_logits(teacher, ids, k, micro, state.device, temperatures)
         tmp = path.with_suffix(".tmp")
         save_file({"values": values.to(dtype).contiguous(), "indices": indices, "lse_rest": rest}, str(tmp))

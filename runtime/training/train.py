@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .. import preempt
 from ..context import StageContext
 from . import fsdp
-from ..data.stream import (DataPosition, Window, copy_tokenizer_files, micro_batches, open_stream, per_process,
-                   tokenizer_fingerprint)
+from ..data.stream import (DataPosition, MixStream, Window, copy_tokenizer_files, micro_batches, per_process,
+                           source_tokens, stage_stream, tokenizer_fingerprint)
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
 from .topk_cache import TopKCache
 
@@ -133,9 +133,6 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         raise ValueError("strategy deepspeed is not supported by this runtime (the compiler refuses it: CSC250); "
                          "use strategy fsdp")
     sharded = strategy == "fsdp"
-    if sharded and config.get("precision") == "fp16":
-        raise ValueError("precision fp16 is not supported with strategy fsdp (the compiler refuses it: CSC251); "
-                         "use precision bf16")
     compute = mixed_precision(config.get("precision", "fp32"))
 
     # 1. Processes, precision, trackers; the data window is tokenised once (main process first).
@@ -165,7 +162,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     cache = _teacher_logits(ctx, teacher_logits, model, window, spec, tokenizer_dir)
     need = window.offset + max(window.tokens, cache.index["sequences"] * window.seq_len if cache else 0)
     with accelerator.main_process_first():
-        stream = open_stream(ctx.source(), tokenizer, tokenizer_dir, ctx.token_cache(), need, ctx.log)
+        stream = stage_stream(ctx, tokenizer, tokenizer_dir, need)
     if cache is not None:
         cache.check_tokens(stream)
 
@@ -258,10 +255,14 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     if own_group:
         torch.distributed.destroy_process_group()
     trained_tokens = (window.steps - start) * window.seq_len * window.global_batch
+    per_source = {}
+    if isinstance(stream, MixStream):  # what the processes read of each source, summed (manifest, report)
+        mine = source_tokens(stream, window, accelerator.process_index, accelerator.num_processes)
+        per_source = {"source_tokens": {k: sum(c[k] for c in gather_object([mine])) for k in mine}}
     return {"steps": window.steps, "tokens": window.tokens, "tokens_seen": window.tokens, "final_loss": loss_value,
             "wall_s": round(wall, 3), "resumed_from_step": start, "processes": accelerator.num_processes,
             "tokens_per_s": round(trained_tokens / max(wall, 1e-9), 1), "strategy": strategy,
-            "dtype": str(dtype).removeprefix("torch."), **placement}
+            "dtype": str(dtype).removeprefix("torch."), **placement, **per_source}
 
 
 def _optimizer(model, opt_cfg: dict, sched_cfg: dict, steps: int):

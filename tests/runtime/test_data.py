@@ -71,21 +71,25 @@ def test_shuffled_window_visits_every_sequence_once_in_a_scattered_order(corpus,
 
 
 def test_second_tokenisation_hits_the_cache(corpus, tok, tiny_models, tmp_path, monkeypatch):
+    from cascadec.runtime.data import shards
+
     first = _stream(corpus, tok, tiny_models, tmp_path)
     calls = []
-    monkeypatch.setattr(D, "documents", lambda *a, **k: calls.append(a) or iter(()))
+    monkeypatch.setattr(shards, "documents", lambda *a, **k: calls.append(a) or iter(()))
     second = _stream(corpus, tok, tiny_models, tmp_path)
-    assert calls == [] and second.shards == first.shards
-    assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+    assert calls == [] and second.shards.folder == first.shards.folder
+    assert sorted(p.name for p in tmp_path.rglob("*.bin")) == ["000000.bin", "000000.docs.bin"]
 
 
-def test_cache_key_changes_with_the_file_bytes(corpus, tok, tiny_models, tmp_path):
-    src = D.source_files(corpus)[0][1]
-    copy = tmp_path / "copy.jsonl"
-    copy.write_text(src.read_text() + json.dumps({"text": "one more"}) + "\n")
-    a = _stream(corpus, tok, tiny_models, tmp_path / "c")
-    b = _stream({**corpus, "paths": [str(copy)]}, tok, tiny_models, tmp_path / "c")
-    assert a.shards != b.shards and len(b) > len(a)
+def test_an_edited_file_is_tokenised_again(corpus, tok, tiny_models, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(D.source_files(corpus)[0][1].read_text())
+    source = {**corpus, "paths": [str(path)]}
+    before = len(_stream(source, tok, tiny_models, tmp_path / "c"))
+    path.write_text(path.read_text() + json.dumps({"text": "one more"}) + "\n")
+    after = _stream(source, tok, tiny_models, tmp_path / "c")
+    extra = tok("one more", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(after) == before + len(extra) and after.read(before, len(after)).tolist() == extra
 
 
 def test_too_short_source_says_how_many_tokens_it_has_and_needs(corpus, tok, tiny_models, tmp_path):

@@ -43,7 +43,7 @@ def family(tmp_path_factory):
 @pytest.mark.slow
 def test_every_stage_ran_and_the_report_is_where_the_run_says(family):
     root, report, out = family
-    assert "24 run, 0 up to date." in out
+    assert "26 run, 0 up to date." in out
     assert out.rstrip().endswith("report: ws/stages/report/tiny/report.md")
     folder = root / "ws" / "stages" / "report" / "tiny"
     md = (folder / "report.md").read_text()
@@ -93,7 +93,7 @@ def test_distillation_beats_the_from_scratch_control_and_recovers_the_first_prun
 def test_second_run_is_all_up_to_date_and_report_json_matches(family):
     root, report, _ = family
     again = _cli("run", "small.yaml", "--workdir", "ws", cwd=root, timeout=120)
-    assert again.returncode == 0 and "0 run, 24 up to date." in again.stdout
+    assert again.returncode == 0 and "0 run, 26 up to date." in again.stdout
     shown = _cli("report", "small.yaml", "--workdir", "ws", "--format", "json", cwd=root, timeout=120)
     assert shown.returncode == 0
     assert json.loads(shown.stdout)["children"] == report["children"]

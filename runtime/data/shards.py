@@ -1,0 +1,237 @@
+"""Token shards on disk: tokenise a data source's files (sharded over processes, resumable per
+file) and read the concatenated stream back by offset with constant memory. No torch here.
+
+Layout of a shard folder (the `tokens` output of a `tokenize` stage, or a cache entry)::
+
+    index.json          format, dtype, eos, tokenizer sha256, and per file, in reading order:
+                        {name, shard, tokens, documents}
+    000000.bin          the file's tokens, raw little-endian uint16 (vocab <= 65536) or uint32,
+                        each document followed by EOS
+    000000.docs.bin     int64 end offsets of its documents (document boundaries)
+
+One shard per source file: the file is the unit of sharding (process r of w takes files
+r, r+w, ...) and of resume (a shard is renamed into place only when whole, next to a small
+`.json` receipt naming the source file, its size and mtime), so 1 and N processes write the
+same bytes. Raw arrays rather than `.npy`: a shard is appended batch by batch and its length is
+known only at the end; `numpy.memmap` reads it back with the index's dtype and count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .readers import Skips, documents, token_documents
+
+FORMAT = 1
+INDEX = "index.json"
+BATCH_DOCS = 1024  # documents per `encode_batch` call: the tokenizer's threads share a batch
+COPY_TOKENS = 1 << 22  # ids copied per slice from a `tokenized` file
+OPEN_SHARDS = 64  # memory maps kept open by a reader (least recently used are closed)
+
+
+def dtype_for(vocab: int) -> np.dtype:
+    return np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<u4")
+
+
+def _receipt(path: Path, stable: str) -> dict:
+    st = Path(path).stat()
+    return {"name": stable, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of a batch of documents with the fast (Rust) tokenizer, no special tokens.
+
+    `encode_batch_fast` (no offsets) when the installed `tokenizers` has it; the Rust side runs
+    the batch on its own threads (``TOKENIZERS_PARALLELISM``/``RAYON_NUM_THREADS``)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: correct, only slower
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def tokenize_file(path: Path, stable: str, source: dict, tokenizer, eos: int, dtype: np.dtype,
+                  shard: Path, rank: int = 0) -> dict:
+    """Tokenise one source file into ``shard`` (+ `.docs.bin`, + `.json` receipt); return the
+    receipt {name, size, mtime_ns, tokens, documents, rank, skipped, skip_reasons}. Memory: one
+    batch of documents. A `tokenized` source's ids are copied (EOS appended), not encoded; bad
+    records fail or, under `on_error: skip`, are counted (the readers' rule)."""
+    receipt, skips = _receipt(path, stable), Skips()
+    tokenized = source.get("kind") == "tokenized"
+    texts = token_documents(path, source, skips) if tokenized else documents(path, source, skips)
+    limit = np.iinfo(dtype).max
+    tmp = shard.with_name(shard.name + f".tmp{os.getpid()}")
+    docs_tmp = shard.with_name(shard.stem + f".docs.bin.tmp{os.getpid()}")
+    tokens = ndocs = 0
+    with open(tmp, "wb") as out, open(docs_tmp, "wb") as ends:
+        texts = iter(texts)
+        for doc in texts if tokenized else ():  # ids already: copied in slices (a document may be huge)
+            for lo in range(0, len(doc), COPY_TOKENS):
+                part = np.asarray(doc[lo:lo + COPY_TOKENS])
+                if part.size and (int(part.max()) > limit or int(part.min()) < 0):
+                    raise ValueError(f"{stable}: token id {int(part.max())} does not fit {dtype.name}")
+                part.astype(dtype).tofile(out)
+            np.array([eos], dtype=dtype).tofile(out)
+            tokens += len(doc) + 1
+            np.array([tokens], dtype="<i8").tofile(ends)
+            ndocs += 1
+        while batch := list(itertools.islice(texts, BATCH_DOCS)):
+            ids = _encode(tokenizer, batch)
+            lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in ids),
+                               dtype=np.int64, count=int(lengths.sum()))
+            if flat.size and int(flat.max()) > limit:
+                raise ValueError(f"{stable}: token id {int(flat.max())} does not fit {dtype.name}")
+            flat.astype(dtype).tofile(out)
+            (tokens + np.cumsum(lengths)).astype("<i8").tofile(ends)
+            tokens += int(lengths.sum())
+            ndocs += len(ids)
+    os.replace(docs_tmp, shard.with_name(shard.stem + ".docs.bin"))
+    os.replace(tmp, shard)
+    receipt.update(tokens=tokens, documents=ndocs, rank=rank, skipped=skips.total, skip_reasons=skips.first)
+    _write_json(shard.with_suffix(".json"), receipt)
+    return receipt
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _done(shard: Path, path: Path, stable: str) -> dict | None:
+    """The receipt of a finished shard of this very file (same name, size and mtime), else None."""
+    try:
+        receipt = json.loads(shard.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = {k: receipt.get(k) for k in ("name", "size", "mtime_ns")} == _receipt(path, stable)
+    return receipt if same and shard.is_file() else None
+
+
+def tokenize(files: list[tuple[str, Path]], source: dict, tokenizer, work: Path, *, rank: int = 0,
+             world: int = 1, log: Callable[[str], None] = print, progress: bool = True,
+             need: int | None = None) -> list[dict]:
+    """Tokenise this process's files (``files[rank::world]``) into ``work``; skip those already
+    done. Returns their receipts. A progress bar shows MB read and tokens/s (rank 0).
+
+    ``need`` (one process only): stop after the first files that hold that many tokens."""
+    if need is not None and world != 1:
+        raise ValueError("tokenising only as far as needed is for one process")
+    from tqdm.auto import tqdm
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; documents could not be separated")
+    dtype = dtype_for(len(tokenizer))
+    work.mkdir(parents=True, exist_ok=True)
+    mine = list(enumerate(files))[rank::world]
+    bar = tqdm(total=sum(p.stat().st_size for _, (_, p) in mine), unit="B", unit_scale=True,
+               desc=f"tokenize (rank {rank}/{world})", disable=not progress or rank != 0, mininterval=1.0)
+    receipts, fresh_tokens, started, skipped = [], 0, time.perf_counter(), 0
+    with bar:
+        for i, (stable, path) in mine:
+            if need is not None and sum(r["tokens"] for r in receipts) >= need:
+                break
+            shard = work / f"{i:06d}.bin"
+            receipt = _done(shard, path, stable)
+            if receipt is None:
+                receipt = tokenize_file(path, stable, source, tokenizer, eos, dtype, shard, rank)
+                fresh_tokens += receipt["tokens"]
+            else:
+                skipped += 1
+            receipts.append(receipt)
+            bar.update(receipt["size"])
+            bar.set_postfix_str(f"{fresh_tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+    if skipped:
+        log(f"tokenize: rank {rank}: {skipped} of {len(mine)} files already tokenised (resumed)")
+    return receipts
+
+
+def receipts(files: list[tuple[str, Path]], work: Path) -> list[dict | None]:
+    """The receipt of each file's finished shard in ``work`` (None where there is none)."""
+    return [_done(work / f"{i:06d}.bin", path, stable) for i, (stable, path) in enumerate(files)]
+
+
+def finish(files: list[tuple[str, Path]], work: Path, out: Path, *, vocab: int, eos: int,
+           tokenizer_sha256: str) -> dict:
+    """Move every file's shard from ``work`` into ``out`` (in file order; nothing moves when they
+    are one folder) and write `index.json` over them."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (stable, path) in enumerate(files):
+        shard = work / f"{i:06d}.bin"
+        receipt = _done(shard, path, stable)
+        if receipt is None:
+            raise RuntimeError(f"{stable}: no finished shard in {work} (a process did not finish its files)")
+        for suffix in (".bin", ".docs.bin") if Path(out).resolve() != Path(work).resolve() else ():
+            os.replace(work / f"{i:06d}{suffix}", out / f"{i:06d}{suffix}")
+        entries.append({"name": stable, "shard": f"{i:06d}", "tokens": receipt["tokens"],
+                        "documents": receipt["documents"], "skipped": receipt.get("skipped", 0)})
+    index = {"format": FORMAT, "dtype": dtype_for(vocab).name, "eos": eos, "vocab": vocab,
+             "tokenizer_sha256": tokenizer_sha256, "tokens": sum(e["tokens"] for e in entries),
+             "documents": sum(e["documents"] for e in entries), "files": entries}
+    _write_json(out / INDEX, index)
+    return index
+
+
+class Shards:
+    """The concatenated token stream of a shard folder, read by offset.
+
+    ``read(start, end)`` finds the first shard by bisection over the cumulative token counts
+    (O(log files)) and slices memory maps (constant memory; the OS pages tokens in and out)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            self.index = json.loads((self.folder / INDEX).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.folder}: not a token shard folder ({e}); rerun its tokenize stage") from None
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"{self.folder}: shard format {self.index.get('format')} (this runtime reads {FORMAT}); "
+                             "rerun its tokenize stage")
+        self.dtype = np.dtype(self.index["dtype"])
+        self.files = self.index["files"]
+        self.starts = [0, *itertools.accumulate(f["tokens"] for f in self.files)]
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _map(self, i: int) -> np.ndarray:
+        if i in self._maps:
+            self._maps.move_to_end(i)
+            return self._maps[i]
+        n = self.files[i]["tokens"]
+        path = self.folder / f"{self.files[i]['shard']}.bin"
+        arr = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)) if n else np.empty(0, self.dtype)
+        self._maps[i] = arr
+        if len(self._maps) > OPEN_SHARDS:
+            self._maps.popitem(last=False)
+        return arr
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the stream as int64."""
+        if not 0 <= start <= end <= len(self):
+            raise IndexError(f"stream has {len(self):,} tokens; asked for [{start:,}, {end:,})")
+        out = np.empty(end - start, dtype=np.int64)
+        i, pos = bisect.bisect_right(self.starts, start) - 1, start
+        while pos < end:
+            lo = pos - self.starts[i]
+            hi = min(end, self.starts[i + 1]) - self.starts[i]
+            out[pos - start: pos - start + hi - lo] = self._map(i)[lo:hi]
+            pos += hi - lo
+            i += 1
+        return out
+
+    def file_tokens(self) -> dict[str, int]:
+        return {f["name"]: f["tokens"] for f in self.files}
