@@ -346,18 +346,40 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                                                      if k in set_at else "is the default")
                         for k in keys if k != nearest])
 
-    # -- DeepSpeed is refused (docs/runtime.md, Distributed training) ------------------------
-    # Accelerate's DeepSpeed engine would need its own accumulation, clipping and ZeRO config
+    # -- engines the runtime refuses (docs/runtime.md, Distributed training) -----------------
+    # DeepSpeed: Accelerate's engine would need its own accumulation, clipping and ZeRO config
     # plumbing, and nothing here can install or test it; a plan that silently ran it wrong is
-    # worse than none. Each place that writes it is reported once.
+    # worse than none. fp16 under FSDP2 would need a sharded gradient scaler reaching the loss's
+    # in-forward gradients; bf16 needs none. Each place that writes the value is reported once.
     refused: dict = {}
     for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
-        if t.settings["resources.strategy"] == "deepspeed":
-            refused.setdefault(t.settings.at.get("resources.strategy", t.at), what)
-    for at, what in refused.items():
-        diag("CSC250", f"{what}: strategy deepspeed is not supported by the cascadec runtime", at,
-             "use `strategy: fsdp` (FSDP2: parameters, gradients, optimizer state and the teacher sharded "
-             "over the devices); see docs/runtime.md")
+        strategy, precision = t.settings["resources.strategy"], t.settings["resources.precision"]
+        if strategy == "deepspeed":
+            refused.setdefault(("CSC250", t.settings.at.get("resources.strategy", t.at)), what)
+        if strategy == "fsdp" and precision == "fp16":
+            refused.setdefault(("CSC251", t.settings.at.get("resources.precision", t.at)), what)
+    for (code, at), what in refused.items():
+        if code == "CSC250":
+            diag(code, f"{what}: strategy deepspeed is not supported by the cascadec runtime", at,
+                 "use `strategy: fsdp` (FSDP2: parameters, gradients, optimizer state and the teacher sharded "
+                 "over the devices); see docs/runtime.md")
+        else:
+            diag(code, f"{what}: precision fp16 is not supported with strategy fsdp", at,
+                 "use `precision: bf16` (no loss scaling needed), or `strategy: ddp` for fp16; see docs/runtime.md")
+
+    # -- devices split evenly over nodes ------------------------------------------------------
+    # `accelerate launch --num_machines N` starts devices // N processes per node: 3 devices on 2
+    # nodes would train with 2 processes while the plan (batches, estimates) counts 3.
+    uneven: dict = {}
+    for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
+        devices, nodes = t.settings["resources.devices"], t.settings["resources.nodes"]
+        if devices % nodes:
+            key = "resources.nodes" if "resources.nodes" in t.settings.at else "resources.devices"
+            uneven.setdefault(t.settings.at.get(key, t.at), (what, devices, nodes))
+    for at, (what, devices, nodes) in uneven.items():
+        diag("CSC255", f"{what}: {devices} devices do not split evenly over {nodes} nodes", at,
+             f"`resources.devices` counts all nodes together: set it to a multiple of {nodes} "
+             f"(e.g. {nodes * max(1, devices // nodes)} for {max(1, devices // nodes)} per node)")
 
     # -- streamed data fits ------------------------------------------------------------------
     used: dict = {}

@@ -16,6 +16,16 @@ from importlib import resources
 
 from . import __version__
 
+# The Slurm time limit of a stage's job: its estimated wall time (device-hours / devices) x MARGIN,
+# at least MIN_HOURS, at most `resources.max_hours` (DEFAULT_MAX_HOURS). A stage that needs more
+# runs as several jobs: SIGNAL_LEAD_S before the limit Slurm sends SIGUSR1 to the batch shell
+# (`exec`'d into `cascadec run`), the stage writes a step checkpoint, and the job requeues itself
+# (`#SBATCH --requeue`) and resumes there. Estimates assume an MFU; the margin covers a worse one.
+MARGIN = 1.5
+MIN_HOURS = 1
+DEFAULT_MAX_HOURS = 24
+SIGNAL_LEAD_S = 600
+
 
 def render(plan: dict, plan_path: str, workdir: str) -> dict[str, str]:
     """File name (relative to DIR) -> contents."""
@@ -36,10 +46,23 @@ def render(plan: dict, plan_path: str, workdir: str) -> dict[str, str]:
     files = {"run.sh": tpl("run.sh.j2").render(stages=stages, **common),
              "submit.sh": tpl("submit.sh.j2").render(stages=stages, **common)}
     sbatch = tpl("stage.sbatch.j2")
+    gpus = (plan.get("totals") or {}).get("hardware", {}).get("device") != "cpu"
     for s in stages:
-        hours = max(1, math.ceil(s["estimate"]["device_hours"] / max(1, s["launch"]["devices"]) * 1.5))
-        files[f"slurm/{s['file']}"] = sbatch.render(s=s, hours=hours, **common)
+        options = {k: v for k, v in s.get("slurm", {}).items() if k != "max_hours"}
+        many = s["launch"]["nodes"] > 1 or s["launch"]["launcher"] == "slurm"
+        how = ("with srun, one `accelerate launch` per node (machine rank: SLURM_NODEID; head: the job's first node)"
+               if many else "on this node")
+        files[f"slurm/{s['file']}"] = sbatch.render(s=s, time=time_limit(s), gpus=gpus, options=options, how=how,
+                                                    signal_lead=SIGNAL_LEAD_S, **common)
     return files
+
+
+def time_limit(stage: dict) -> str:
+    """`#SBATCH --time` (D-HH:MM:SS) for a stage: see MARGIN above."""
+    wall = stage["estimate"]["device_hours"] / max(1, stage["launch"]["devices"])
+    cap = stage.get("slurm", {}).get("max_hours", DEFAULT_MAX_HOURS)
+    hours = min(cap, max(MIN_HOURS, math.ceil(wall * MARGIN)))
+    return f"{hours // 24}-{hours % 24:02d}:00:00"
 
 
 def write(directory: str, files: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from .source import where
 from .spec import ChildSpec, FamilySpec, Training
 
 TRAINING_GROUPS = ("optimizer", "schedule", "batch", "checkpoint")
-SLURM_OPTIONS = ("partition", "account", "qos")
+SLURM_OPTIONS = ("partition", "account", "qos", "max_hours")
 LOCAL = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "none"}
 # Calibration scores each pruning method reads (see runtime/surgery/keep.py).
 SCORES = {"norm_ratio": "norm_ratio", "block_influence": "block_influence", "angular": "angular",
@@ -52,7 +52,7 @@ def _launch(settings) -> tuple[dict, dict]:
 
 
 def _slurm(settings) -> dict:
-    """`#SBATCH` options set in the spec (partition, account, qos): rendered by `plan --emit`,
+    """Slurm options set in the spec (partition, account, qos, max_hours): rendered by `plan --emit`,
     not hashed (where a stage is queued does not change what it computes)."""
     if settings is None:
         return {}

@@ -25,6 +25,7 @@ DEFAULTS = {
     "resources.strategy": "none", "resources.precision": "fp32", "resources.memory_gb": None,  # None: hardware.device's
     "resources.activation_checkpointing": False,
     "resources.partition": None, "resources.account": None, "resources.qos": None,  # Slurm: the cluster's defaults
+    "resources.max_hours": None,  # None: emit.DEFAULT_MAX_HOURS
     "optimizer.name": "adamw", "optimizer.lr": 1e-4, "optimizer.min_lr": 1e-5,
     "optimizer.betas": [0.9, 0.95], "optimizer.eps": 1e-8, "optimizer.weight_decay": 0.1,
     "optimizer.grad_clip": 1.0,

@@ -3,10 +3,10 @@ is up to date. Pure Python — it must never import torch (`status` and `run --d
 
 It reads the workspace and writes nothing but manifests; running stages is `runtime/executor.py`.
 
-    WORKDIR/.cascadec.lock                  held by the one `cascadec run` at work here
+    WORKDIR/locks/<safe id>.lock            flock'd by the process running that stage; names it
     WORKDIR/stages/<id>/...                 a stage's outputs (ids contain '/', so these nest)
     WORKDIR/stages/<id>/manifest.json       written last: its presence means "complete"
-    WORKDIR/stages/.tmp-<safe id>-<pid>/    outputs being written (renamed into place)
+    WORKDIR/stages/.tmp-<safe id>@<host>-<pid>/  outputs being written (renamed into place)
     WORKDIR/scratch/<id>/                   step checkpoints of an unfinished stage
     WORKDIR/cache/                          tokenised data shared by all stages
     WORKDIR/cache/digests.sqlite            (path, size, mtime_ns) -> sha256 of data files
@@ -14,30 +14,41 @@ It reads the workspace and writes nothing but manifests; running stages is `runt
 A stage that reads data files records each file's sha256 in its manifest (`data_files`); it is
 out of date when one of them changes, and `status` names the file. Deciding that nothing
 changed costs one `stat` per file: a file is re-read only when its (size, mtime_ns) moved.
+
+Locks are per stage, so independent stages run at once from one workspace (several `cascadec
+run --only` in Slurm jobs on several nodes of a shared filesystem). Whoever holds a stage's
+lock owns its temporary and scratch directories; nobody else deletes them, and `status` reports
+the stage as running there rather than interrupted. A stage reads its ancestors only from their
+manifests, which exist only once an ancestor is complete. See docs/runtime.md, Concurrency.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 MANIFEST = "manifest.json"
-LOCK = ".cascadec.lock"
+LOCKS = "locks"
 SCRATCH_MARK = ".cascadec-stage-hash"  # in scratch/<id>/: the stage hash the checkpoints belong to
 MANIFEST_KEYS = ("stage", "hash", "kind", "config", "launch", "inputs", "input_hashes", "outputs", "file_stats")
 
-RUN, SKIP = "run", "skip"
+RUN, SKIP, BUSY = "run", "skip", "busy"  # busy: another process is running the stage now
 # Why a stage runs or is skipped. `evaluate` checks them in this order.
 CORRUPT = "corrupt manifest"
 NEW = "new"
+RUNNING = "running on"  # detail: HOST (pid N)
 INTERRUPTED = "interrupted"
 FORCED = "forced"
 CONFIG_CHANGED = "config changed"
@@ -83,15 +94,21 @@ def safe_id(stage_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stage_id.replace("/", "--"))
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
 def temp_dir(workdir: Path, stage_id: str, tag: str = "tmp") -> Path:
-    """This process's temporary (`tmp`) or displaced (`old`) directory for a stage."""
-    return Path(workdir) / "stages" / f".{tag}-{safe_id(stage_id)}-{os.getpid()}"
+    """This process's temporary (`tmp`) or displaced (`old`) directory for a stage (host and pid
+    in the name: pids repeat across the nodes that share a workspace)."""
+    return Path(workdir) / "stages" / f".{tag}-{safe_id(stage_id)}@{_host()}-{os.getpid()}"
 
 
 def leftovers(workdir: Path, stage_id: str) -> list[Path]:
-    """Temporary directories an earlier run of this stage left behind (killed or crashed)."""
+    """Temporary directories an earlier run of this stage left behind (killed or crashed); only
+    the holder of the stage's lock may take them for leftovers (`stage_lock`)."""
     root = Path(workdir) / "stages"
-    pattern = re.compile(rf"\.(tmp|old)-{re.escape(safe_id(stage_id))}-\d+")
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(safe_id(stage_id))}(@[A-Za-z0-9_.-]+)?-\d+")
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if pattern.fullmatch(p.name))
@@ -103,6 +120,88 @@ def scratch_hash(workdir: Path, stage_id: str) -> str | None:
         return (scratch_dir(workdir, stage_id) / SCRATCH_MARK).read_text().strip()
     except OSError:
         return None
+
+
+# ---------------------------------------------------------------- per-stage locks
+
+# flock errors meaning "this filesystem cannot lock" (Lustre mounted without -o flock: ENOSYS;
+# some FUSE and SMB mounts: EOPNOTSUPP; NFS without a lock manager: ENOLCK).
+NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+
+
+def lock_path(workdir: Path, stage_id: str) -> Path:
+    return Path(workdir) / LOCKS / f"{safe_id(stage_id)}.lock"
+
+
+def _no_flock(path: Path, e: OSError) -> WorkspaceError:
+    return WorkspaceError(
+        f"cannot lock {path}: its filesystem does not support flock ({errno.errorcode.get(e.errno, e.errno)}: "
+        f"{e.strerror}); stages that share a workspace need it to stay apart. Mount the filesystem with the "
+        "`flock` option (Lustre: `mount -t lustre -o flock ...`; NFS: not `nolock`), or put --workdir on one that has it"
+    )
+
+
+def _holder(fd: int) -> str:
+    host, _, pid = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
+    return f"{host or 'an unknown host'} (pid {pid or '?'})"
+
+
+def running(workdir: Path, stage_id: str) -> str | None:
+    """`HOST (pid N)` of the process running the stage now (holding its lock), else None.
+
+    Probes with a shared lock, released at once (see `stage_lock` for the race this leaves).
+    Where the filesystem has no flock, nobody can be running a stage under cascadec: None.
+    """
+    path = lock_path(workdir, stage_id)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # closing the descriptor releases it
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError as e:
+        if e.errno in NO_FLOCK:
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def stage_lock(workdir: Path, stage_id: str, *, attempts: int = 20):
+    """Hold `locks/<safe id>.lock` (flock, exclusive) while running a stage; it names this host and
+    pid. Yields None when another process holds it (`running` says who).
+
+    The kernel (or the cluster filesystem's lock manager) drops a flock when its process dies, so
+    a `kill -9` or a cancelled Slurm job never leaves a stale lock. A busy lock is tried again for
+    about a second: `running` probes with a momentary shared lock and must not be taken for a run.
+    No flock on the filesystem: a WorkspaceError that names the mount option.
+    """
+    path = lock_path(workdir, stage_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for attempt in range(attempts):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == attempts - 1:
+                    yield None
+                    return
+                time.sleep(0.05)
+            except OSError as e:
+                if e.errno in NO_FLOCK:
+                    raise _no_flock(path, e) from None
+                raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{_host()} {os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def validate_plan(plan: dict) -> list[dict]:
@@ -372,10 +471,12 @@ def _names(items: list[str], most: int = 3) -> str:
 
 
 def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = frozenset(), forced: bool = False,
-             plan: dict | None = None, base_dir: Path | None = None, digests: Digests | None = None) -> Verdict:
+             plan: dict | None = None, base_dir: Path | None = None, digests: Digests | None = None,
+             locked: bool = False) -> Verdict:
     """Decide whether one stage runs, given ``pending``: the earlier stages that will run first.
 
-    In order: an unreadable manifest; no manifest (new, or interrupted when a scratch/temp
+    In order: another process running it now (BUSY; not asked when ``locked``, i.e. the caller
+    holds the stage's lock); an unreadable manifest; no manifest (new, or interrupted when a scratch/temp
     directory of this stage hash is left); --force; a different stage hash (config changed when
     the stage's own kind/config/launch differ from the manifest's, else input changed); an
     upstream stage that reruns or whose outputs differ from those this stage was built from;
@@ -383,6 +484,8 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
     ``base_dir`` are given, where the data globs are relative to); an output file whose sha256 changed or that was added or removed; else up to date.
     """
     sid = stage["id"]
+    if not locked and (who := running(workdir, sid)):
+        return Verdict(BUSY, RUNNING, who)
     try:
         manifest = read_manifest(workdir, sid)
     except ManifestError as e:
@@ -439,7 +542,7 @@ def plan_verdicts(plan: dict, workdir: Path, *, force: set[str] | frozenset = fr
     verdicts: dict[str, Verdict] = {}
     digests = Digests(workdir) if base_dir is not None else None
     for st in validate_plan(plan):
-        pending = {sid for sid, v in verdicts.items() if v.state == RUN}
+        pending = {sid for sid, v in verdicts.items() if v.state != SKIP}
         verdicts[st["id"]] = evaluate(st, workdir, pending=pending, forced=st["id"] in force,
                                       plan=plan, base_dir=base_dir, digests=digests)
     return verdicts
@@ -465,17 +568,20 @@ def status_lines(plan: dict, workdir: Path, base_dir: Path | None = None) -> lis
     """
     rows = status_table(plan, workdir, base_dir)
     width = max((len(r["stage"]) for r in rows), default=0)
-    todo = sum(r["state"] == RUN for r in rows)
-    return [format_row(r, width) for r in rows] + [summary(todo, len(rows) - todo, done=False)]
+    todo, busy = (sum(r["state"] == state for r in rows) for state in (RUN, BUSY))
+    return [format_row(r, width) for r in rows] + [summary(todo, len(rows) - todo - busy, done=False, busy=busy)]
 
 
-def summary(ran: int, skipped: int, *, done: bool) -> str:
-    return f"{ran} {'run' if done else 'to run'}, {skipped} up to date."
+def summary(ran: int, skipped: int, *, done: bool, busy: int = 0, waiting: int = 0) -> str:
+    more = (f", {busy} running elsewhere" if busy else "") + (f", {waiting} waiting for them" if waiting else "")
+    return f"{ran} {'run' if done else 'to run'}, {skipped} up to date{more}."
 
 
 def format_row(row: dict, width: int = 0) -> str:
-    """`run   distill/x/short  (config changed: config.optimizer.lr)` — the line `run` prints."""
-    why = f"{row['why']}: {row['detail']}" if row.get("detail") else row["why"]
+    """`run   distill/x/short  (config changed: config.optimizer.lr)` — the line `run` prints;
+    `busy  distill/x/short  (running on node7 (pid 4242))` for a stage another process runs."""
+    sep = " " if row["why"] == RUNNING else ": "
+    why = f"{row['why']}{sep}{row['detail']}" if row.get("detail") else row["why"]
     return f"{row['state']:<6}{row['stage']:<{width}}  ({why})"
 
 

@@ -1,26 +1,34 @@
 """Runs a plan: walks its stages in order, runs those that are not up to date, and stores each
-one's outputs atomically with its manifest. Owns the workspace lock; never parses specs.
+one's outputs atomically with its manifest. Never parses specs.
+
+Each stage runs under its own lock (`cascadec.workspace.stage_lock`, host + pid), so runs of
+other stages, e.g. Slurm jobs on other nodes, may share the workspace. A stage planned for
+several nodes or for Slurm runs inside a Slurm job: this executor decides whether it is up to
+date, `srun`s one `accelerate launch` per node, and stores what rank 0 wrote. SIGUSR1 (sent by
+Slurm before the time limit) makes a training stage write a step checkpoint and stop; the job
+is then requeued and resumes there (runtime/preempt.py).
 
 Whether a stage is up to date is decided by `cascadec.workspace` (pure, shared with `status`).
 
 Storing a stage (old outputs stay intact until the new ones are complete):
 
-    stages/.tmp-<id>-<pid>/   the stage writes here; then outputs hashed, manifest.json written
-    stages/<id>/  -> stages/.old-<id>-<pid>/   (only when an earlier version exists)
-    stages/.tmp-<id>-<pid>/ -> stages/<id>/    (if this rename fails, the old one is put back)
-    stages/.old-<id>-<pid>/   removed;  scratch/<id>/ removed
+    stages/.tmp-<id>@<host>-<pid>/   the stage writes here; then outputs hashed, manifest.json written
+    stages/<id>/  -> stages/.old-<id>@<host>-<pid>/   (only when an earlier version exists)
+    stages/.tmp-<id>@<host>-<pid>/ -> stages/<id>/    (if this rename fails, the old one is put back)
+    stages/.old-<id>@<host>-<pid>/   removed;  scratch/<id>/ removed
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import fnmatch
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -31,11 +39,14 @@ from pathlib import Path
 from cascadec import __version__
 from cascadec.diagnostics import did_you_mean
 from cascadec.workspace import (
-    LOCK,
+    BUSY,
     MANIFEST,
     RUN,
+    RUNNING,
     SCRATCH_MARK,
     Digests,
+    SKIP,
+    Verdict,
     WorkspaceError,
     atomic_write_json,
     data_names,
@@ -45,19 +56,23 @@ from cascadec.workspace import (
     input_hashes,
     leftovers,
     missing_outputs,
+    running,
     scratch_dir,
     scratch_hash,
     stage_dir,
     resolve_source,
+    stage_lock,
     summary,
     temp_dir,
     validate_plan,
 )
 
-from . import registry
+from . import preempt, registry
 from .context import StageContext
+from .stage_main import PREEMPTED
 
 STAGE_MAIN = "cascadec.runtime.stage_main"  # `python -m ... --ctx-json FILE`, one per process
+WAIT = "wait"  # the row state of a stage whose input another process is still making
 
 
 def run_plan(
@@ -80,7 +95,10 @@ def run_plan(
     ``dry_run``: print what would run; exit 0 when nothing would, 2 when work is pending
     (Terraform's -detailed-exitcode), also when some stage's kind is missing from this runtime
     (that is a `warning:` line after the summary: the plan is still what it is). Otherwise 0 on success and 1 on any error, which is
-    printed as one `error: ...` line; the stages after a failed one are not run.
+    printed as one `error: ...` line; the stages after a failed one are not run. A stage that
+    another process is running (its lock is held) is `busy`, the stages that need it `wait`, the
+    others run, and the exit status is 1. A stage stopped by SIGUSR1 ends the run: inside a Slurm
+    job the job is requeued (0), elsewhere 1.
     """
     workdir, base_dir = Path(workdir), Path(base_dir).resolve()
     try:
@@ -91,28 +109,72 @@ def run_plan(
         if refusal and not dry_run:  # refuse before anything runs, not hours into the plan
             raise WorkspaceError(refusal)
         width = max((len(s["id"]) for s in stages), default=0)
-        ran, pending = 0, set()
+        ran, pending, busy, waiting = 0, set(), {}, []
         digests = Digests(workdir)
-        with contextlib.nullcontext() if dry_run else workspace_lock(workdir):
-            for st in stages:
-                v = evaluate(st, workdir, pending=pending, forced=st["id"] in forced,
-                             plan=plan, base_dir=base_dir, digests=digests)
-                out(format_row({"stage": st["id"], "state": v.state, "why": v.why, "detail": v.detail}, width))
-                if v.state != RUN:
-                    if v.fresh_stats and not dry_run:
-                        _store_stats(workdir, st["id"], v.manifest, v.fresh_stats)
-                elif dry_run:
-                    pending.add(st["id"])
-                else:
-                    run_stage(plan, st, workdir, base_dir, out, digests)
-                ran += v.state == RUN
-        out(summary(ran, len(stages) - ran, done=not dry_run))
+        check = dict(plan=plan, base_dir=base_dir, digests=digests)
+        current: list[Path] = []  # the scratch of the stage running now, for the SIGUSR1 handler
+        if not dry_run:
+            preempt.install(then=lambda: [(p / preempt.STOP_FILE).touch() for p in current if p.is_dir()])
+        for st in stages:
+            sid = st["id"]
+            if needs := [n for n in st.get("needs", []) if n in busy and not dry_run]:
+                busy[sid] = busy[needs[0]]  # its input is still being made elsewhere
+                waiting.append(sid)
+                out(format_row({"stage": sid, "state": WAIT, "why": f"needs {needs[0]}"}, width))
+                continue
+            v = evaluate(st, workdir, pending=pending, forced=sid in forced, **check)
+            if v.state == RUN and not dry_run:  # look again holding its lock: another job may have run it
+                with stage_lock(workdir, sid) as held:
+                    v = (evaluate(st, workdir, forced=sid in forced, locked=True, **check) if held
+                         else Verdict(BUSY, RUNNING, running(workdir, sid) or "another host (pid unknown)"))
+                    out(format_row({"stage": sid, "state": v.state, "why": v.why, "detail": v.detail}, width))
+                    if v.state == RUN:
+                        current[:] = [scratch_dir(workdir, sid)]
+                        run_stage(plan, st, workdir, base_dir, out, digests)
+                        current.clear()
+            else:
+                out(format_row({"stage": sid, "state": v.state, "why": v.why, "detail": v.detail}, width))
+            ran += v.state == RUN
+            if v.state == BUSY:
+                busy[sid] = v.detail
+            if v.state != SKIP and dry_run:
+                pending.add(sid)  # a real run has run it by now: what it made is on disk
+            elif v.state == SKIP and v.fresh_stats and not dry_run:
+                _store_stats(workdir, sid, v.manifest, v.fresh_stats)
+        out(summary(ran, len(stages) - ran - len(busy), done=not dry_run, busy=len(busy) - len(waiting),
+                    waiting=len(waiting)))
         if refusal:  # a dry run still answers its question (0/2); it says what a real run would refuse
             out(f"warning: a run would refuse to start: {refusal}")
-        return 2 if dry_run and ran else 0
+        if busy and not dry_run:
+            raise WorkspaceError(_unfinished(busy, waiting))
+        return 2 if dry_run and (ran or busy) else 0
+    except preempt.Preempted as e:
+        return _requeue(e, out)
     except WorkspaceError as e:
         out(f"error: {e}")
         return 1
+
+
+def _unfinished(busy: dict, waiting: list) -> str:
+    others = [f"{sid} on {who}" for sid, who in busy.items() if sid not in waiting]
+    message = f"running elsewhere: {', '.join(others)}"
+    if waiting:
+        message += f"; not run, as {'it needs' if len(waiting) == 1 else 'they need'} what is running: {', '.join(waiting)}"
+    return message + "; run again once it has finished"
+
+
+def _requeue(e: preempt.Preempted, out) -> int:
+    """After a stop on SIGUSR1: inside a Slurm job, requeue it (it resumes from the checkpoint)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        out(f"error: {e}; run again to resume")
+        return 1
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        out(f"error: {e}; `scontrol requeue {job}` failed ({done.stderr.strip()}); resubmit the job to resume")
+        return 1
+    out(f"      {e}; requeued Slurm job {job}, which resumes there")
+    return 0
 
 
 def _matches(stage_id: str, globs) -> bool:
@@ -136,31 +198,6 @@ def select(plan: dict, only, force) -> list[dict]:
     return chosen
 
 
-@contextlib.contextmanager
-def workspace_lock(workdir: Path):
-    """Hold `WORKDIR/.cascadec.lock` (flock, non-blocking) for one run; it names our PID.
-
-    The kernel drops a flock when its process dies, so a `kill -9` never leaves a stale lock.
-    (flock is advisory and per host: two machines sharing an NFS workspace are not stopped.)
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise WorkspaceError(
-                f"workspace {workdir} is in use by another cascadec run (pid {holder}); "
-                "wait for it to finish or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
 def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print, digests: Digests | None = None) -> None:
     """Run one stage into a temporary directory and store its outputs and manifest.
 
@@ -180,6 +217,8 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print,
         shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / SCRATCH_MARK).write_text(stage["hash"] + "\n")
+    if not preempt.signalled():  # a STOP file that an earlier job left behind
+        (scratch / preempt.STOP_FILE).unlink(missing_ok=True)
     tmp = temp_dir(workdir, sid)
     tmp.mkdir(parents=True)
     ctx = StageContext(
@@ -187,20 +226,23 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print,
         log=lambda msg: out(f"      {msg}"), cache=Path(workdir) / "cache",
         plan=plan, workdir=Path(workdir),
     )
-    started = time.monotonic()
+    started, started_at = time.monotonic(), _now()
     try:
         try:
             metrics = _spawn(ctx) if needs_launcher(stage) else registry.STAGES[stage["kind"]](ctx)
             metrics = _checked_metrics(metrics)
             if lost := missing_outputs(tmp, stage):
                 raise WorkspaceError(f"it did not write its declared output {', '.join(lost)}")
+        except preempt.Preempted:
+            raise  # scratch/<id>/ keeps the step checkpoint it just wrote
         except Exception as e:
             with contextlib.suppress(OSError):
                 (scratch / "traceback.txt").write_text(traceback.format_exc())
             why = str(e) or type(e).__name__
             raise WorkspaceError(f"stage {sid} failed: {why} (traceback in scratch/{sid}/traceback.txt)") from e
         try:
-            _store(workdir, sid, tmp, _manifest(stage, workdir, tmp, metrics, time.monotonic() - started, files))
+            _store(workdir, sid, tmp, _manifest(stage, workdir, tmp, metrics, time.monotonic() - started, files,
+                                                started_at))
         except OSError as e:
             raise WorkspaceError(
                 f"could not store the outputs of stage {sid}: {e}; its previous outputs are unchanged"
@@ -252,22 +294,34 @@ def resolve_inputs(plan: dict, stage: dict, workdir: Path, base_dir: Path) -> tu
 
 def needs_launcher(stage: dict) -> bool:
     launch = stage.get("launch") or {}
-    return launch.get("devices", 1) > 1 or launch.get("launcher") == "accelerate"
+    return launch.get("devices", 1) > 1 or launch.get("launcher") in ("accelerate", "slurm") or launch.get("nodes", 1) > 1
 
 
-def launch_command(stage: dict, ctx_json: Path) -> list[str]:
-    """`accelerate launch ... -m cascadec.runtime.stage_main --ctx-json FILE` for this stage.
+def on_slurm(stage: dict) -> bool:
+    """Whether the stage runs as a Slurm job step (`srun`, one launcher per node)."""
+    launch = stage.get("launch") or {}
+    return launch.get("launcher") == "slurm" or launch.get("nodes", 1) > 1
 
-    Run as `python -m accelerate.commands.launch` so it is this interpreter's accelerate.
+
+def launch_command(stage: dict, ctx_json: Path, env=os.environ) -> list[str]:
+    """The command that runs the stage's processes.
+
+    One node: `python -m accelerate.commands.launch ... -m cascadec.runtime.stage_main --ctx-json
+    FILE` (run as a module so it is this interpreter's accelerate). Slurm or several nodes: the
+    same under `srun`, one task per node, each task's machine rank its SLURM_NODEID, the head the
+    first node of the job, the rendezvous port derived from the job id. Only inside a Slurm job.
     """
     launch = stage.get("launch") or {}
-    if launch.get("launcher") == "slurm" or launch.get("nodes", 1) > 1:
+    n, nodes = launch.get("devices", 1), launch.get("nodes", 1)
+    if on_slurm(stage) and not env.get("SLURM_JOB_ID"):
         raise WorkspaceError(
-            f"stage {stage['id']} is planned for Slurm or several nodes; submit the scripts "
-            "from `cascadec plan --emit DIR` instead"
+            f"stage {stage['id']} is planned for Slurm{f' on {nodes} nodes' if nodes > 1 else ''}; submit its job "
+            "(slurm/*.sbatch from `cascadec plan --emit DIR`), which runs this same command inside the allocation"
         )
-    n = launch.get("devices", 1)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", str(nodes)]
+    if nodes > 1:
+        port = 20000 + int(env["SLURM_JOB_ID"]) % 10000  # two jobs on one head node get two ports
+        cmd += ["--main_process_ip", head_node(env["SLURM_JOB_NODELIST"]), "--main_process_port", str(port)]
     cmd += ["--dynamo_backend", "no"]  # stated, so accelerate does not warn about defaults
     # the plan keeps precision in the stage's config (the stage reads it too)
     precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}.get((stage.get("config") or {}).get("precision"))
@@ -277,11 +331,39 @@ def launch_command(stage: dict, ctx_json: Path) -> list[str]:
     # and their process group, as for ddp (docs/runtime.md, Distributed training)
     if n > 1 and launch.get("strategy") in (None, "none", "ddp", "fsdp"):
         cmd += ["--multi_gpu"]
-    return cmd + ["-m", STAGE_MAIN, "--ctx-json", str(ctx_json)]
+    cmd += ["-m", STAGE_MAIN, "--ctx-json", str(ctx_json)]
+    if not on_slurm(stage):
+        return cmd
+    srun = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if nodes > 1:  # each task's shell inserts its own machine rank before `-m stage_main`
+        k = cmd.index(STAGE_MAIN) - 1
+        insert = f'exec "${{@:1:{k}}}" --machine_rank "$SLURM_NODEID" "${{@:{k + 1}}}"'
+        return [*srun, "bash", "-c", insert, "launch", *cmd]
+    return [*srun, *cmd]
+
+
+def head_node(nodelist: str) -> str:
+    """The address of the job's first node (`scontrol show hostnames`, then its NodeAddr)."""
+    names = _scontrol("show", "hostnames", nodelist).split()
+    if not names:
+        raise WorkspaceError(f"`scontrol show hostnames {nodelist}` named no node")
+    found = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", names[0]))
+    return found.group(1) if found else names[0]
+
+
+def _scontrol(*args: str) -> str:
+    try:
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise WorkspaceError(f"`scontrol {' '.join(args)}` failed: {e}") from None
+    if done.returncode != 0:
+        raise WorkspaceError(f"`scontrol {' '.join(args)}` failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def _spawn(ctx: StageContext) -> dict:
-    """Run the stage in `accelerate launch`, streaming its output through ``ctx.log``.
+    """Run the stage in `accelerate launch` (under `srun` for Slurm), streaming its output
+    through ``ctx.log``.
 
     The context goes to stage_main as JSON; the main process writes the metrics that `run`
     returned to the file named by the context's `result` key.
@@ -295,10 +377,13 @@ def _spawn(ctx: StageContext) -> dict:
         for line in proc.stdout:
             ctx.log(line.rstrip("\n"))
     if proc.returncode != 0:
-        raise RuntimeError(f"`accelerate launch` exited with status {proc.returncode}")
+        raise RuntimeError(f"`{'srun' if cmd[0] == 'srun' else 'accelerate launch'}` exited with status {proc.returncode}")
     if not result.exists():
         raise RuntimeError(f"{STAGE_MAIN} exited without writing {result.name}")
-    return json.loads(result.read_text())
+    metrics = json.loads(result.read_text())
+    if PREEMPTED in metrics:
+        raise preempt.Preempted(metrics[PREEMPTED])
+    return metrics
 
 
 def _checked_metrics(metrics) -> dict:
@@ -323,7 +408,12 @@ def _versions() -> dict:
     return found
 
 
-def _manifest(stage: dict, workdir: Path, tmp: Path, metrics: dict, seconds: float, data_files: dict) -> dict:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _manifest(stage: dict, workdir: Path, tmp: Path, metrics: dict, seconds: float, data_files: dict,
+              started_at: str) -> dict:
     hashes, stats = hash_outputs(tmp, stage)
     return {
         "data_files": data_files,
@@ -340,7 +430,10 @@ def _manifest(stage: dict, workdir: Path, tmp: Path, metrics: dict, seconds: flo
         "metrics": metrics,
         "versions": _versions(),
         "wall_time_s": round(seconds, 3),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": started_at,
+        "finished_at": _now(),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
 
 

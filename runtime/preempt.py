@@ -52,7 +52,8 @@ def requested(scratch: Path) -> bool:
     return _requested.is_set() or (Path(scratch) / STOP_FILE).exists()
 
 
-def clear(scratch: Path) -> None:
-    """Forget a request (a new stage starts, or one resumes after its stop)."""
+def clear(scratch: Path | None = None) -> None:
+    """Forget a request: this process's signal, and the STOP file in ``scratch`` if given."""
     _requested.clear()
-    (Path(scratch) / STOP_FILE).unlink(missing_ok=True)
+    if scratch is not None:
+        (Path(scratch) / STOP_FILE).unlink(missing_ok=True)

@@ -174,6 +174,9 @@ MISTAKES = [
      ["17:99: error[CSC223]: 'small/short': global batch 16 is not a multiple of micro batch 4 x 3 devices | set "
       "`batch.global` to a multiple of 12, or change `batch.micro` or `resources.devices` | notes: batch.global = 16 "
       "is set at defaults.batch.global (line 11); batch.micro = 4 is set at defaults.batch.micro (line 11)"]),
+    ("devices-over-nodes", edit(("seq_len: 1024}", "seq_len: 1024, resources: {devices: 4, nodes: 3}}")),
+     ["17:109: error[CSC255]: 'small/short': 4 devices do not split evenly over 3 nodes | `resources.devices` "
+      "counts all nodes together: set it to a multiple of 3 (e.g. 3 for 1 per node)"]),
 
     # -- 9. smaller --------------------------------------------------------------------------------
     ("budget-rounds-down-a-lot", edit(("tokens: 1B", "tokens: 20K")),
@@ -282,6 +285,32 @@ def test_slurm_options_reach_the_plan_and_the_sbatch(tmp_path):
     sbatch = (tmp_path / "emit" / "slurm" / "distill--small--short.sbatch").read_text()
     assert "#SBATCH --account=proj-7\n#SBATCH --partition=gpu\n#SBATCH --qos=high\n" in sbatch
     assert "--partition" not in (tmp_path / "emit" / "run.sh").read_text()
+
+
+def test_the_sbatch_asks_for_the_estimate_with_a_margin_and_a_cap_and_requeues_on_sigusr1(tmp_path):
+    """distill/small/short: 45.9238 device-hours on 16 devices = 2.87 h; x 1.5 = 4.31 -> 5 h; capped at 3 h."""
+    for cap, limit in (("", "0-05:00:00"), (", max_hours: 3", "0-03:00:00")):
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(edit(("batch: {global: 16, micro: 4}", "batch: {global: 256, micro: 4}\n  resources: "
+                              f"{{launcher: slurm, nodes: 2, devices: 16, partition: gpu{cap}}}"), ("tokens: 1B", "tokens: 300B")))
+        run = cascadec("plan", str(spec), "--emit", str(tmp_path / "emit"))
+        assert run.code == 0, run.err
+        sbatch = (tmp_path / "emit" / "slurm" / "distill--small--short.sbatch").read_text()
+        assert ("#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node=8\n"
+                f"#SBATCH --time={limit}\n#SBATCH --requeue\n#SBATCH --open-mode=append\n#SBATCH --signal=B:USR1@600\n"
+                "#SBATCH --partition=gpu\nset -euo pipefail\n") in sbatch  # max_hours is no #SBATCH option
+        assert "with srun, one `accelerate launch` per node (machine rank: SLURM_NODEID" in sbatch
+        assert sbatch.endswith('exec cascadec run "$PLAN" --workdir "$WORKDIR" --only distill/small/short\n')
+    calibrate = (tmp_path / "emit" / "slurm" / "calibrate--small.sbatch").read_text()
+    assert "#SBATCH --time=0-01:00:00\n" in calibrate  # the least a job asks for
+
+
+def test_a_cpu_family_asks_slurm_for_no_gpus(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(edit(("models:", "hardware: {device: cpu}\nmodels:")))
+    assert cascadec("plan", str(spec), "--emit", str(tmp_path / "emit")).code == 0
+    sbatch = (tmp_path / "emit" / "slurm" / "distill--small--short.sbatch").read_text()
+    assert "--gpus-per-node" not in sbatch and "runs it on this node" in sbatch
 
 
 def test_the_queue_is_not_hashed():

@@ -22,4 +22,5 @@ def run(ctx) -> dict:
     )
     save(stats, summary, ctx.out)
     ctx.log(f"calibrate: {summary['tokens']:,} tokens, scores {', '.join(cfg['scores'])}")
-    return {"tokens": summary["tokens"]}
+    skipped = {"data_skipped": summary["data_skipped"]} if "data_skipped" in summary else {}
+    return {"tokens": summary["tokens"], **skipped}  # records skipped under on_error: skip, in the manifest

@@ -196,6 +196,13 @@ def summarize(stats: dict, *, angular_block: int | None = None) -> dict:
     return out
 
 
+def _described(source: dict | None):
+    """The calibration source as summary.json records it (the executor hands paths over as Paths)."""
+    if source is None:
+        return "builtin:stdlib"
+    return {k: [str(p) for p in v] if k == "paths" else v for k, v in source.items()}
+
+
 def save(stats: dict, summary: dict, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +248,7 @@ def calibrate(model_dir: Path, *, source: dict | None, samples: int, seq_len: in
         stats = {"tokens": torch.tensor([0.0], dtype=torch.float64)}
     stats.update(reference(model, verify_ids(ids)))  # what the pruned model is compared against
     summary = {"samples": samples, "seq_len": seq_len, "offset": offset,
-               "data": source or "builtin:stdlib", **summarize(stats, angular_block=angular_block)}
+               "data": _described(source), **summarize(stats, angular_block=angular_block)}
     if skips.total:  # records skipped under `on_error: skip` are reported, never dropped silently
         summary["data_skipped"] = skips.manifest()
     return stats, summary

@@ -71,8 +71,11 @@ def init_process_group(device: torch.device) -> bool:
     caller destroys it when done, so that later in-process stages see no process group)."""
     if dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1, device_id=device if device.type == "cuda" else None)
+    device_id = None  # nccl wants the device with its index
+    if device.type == "cuda":
+        device_id = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    dist.init_process_group("nccl" if device_id is not None else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device_id)
     return True
 
 

@@ -133,6 +133,9 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         raise ValueError("strategy deepspeed is not supported by this runtime (the compiler refuses it: CSC250); "
                          "use strategy fsdp")
     sharded = strategy == "fsdp"
+    if sharded and config.get("precision") == "fp16":
+        raise ValueError("precision fp16 is not supported with strategy fsdp (the compiler refuses it: CSC251); "
+                         "use precision bf16")
     compute = mixed_precision(config.get("precision", "fp32"))
 
     # 1. Processes, precision, trackers; the data window is tokenised once (main process first).

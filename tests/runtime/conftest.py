@@ -39,3 +39,15 @@ def corpus(tmp_path_factory) -> dict:
         for i in range(60):
             f.write(json.dumps({"text": f"{i}: " + "\n".join(lines[i % len(lines):] + lines[: i % 7])}) + "\n")
     return {"kind": "jsonl", "paths": [str(root / "*.jsonl")], "field": "text", "builtin": None}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real Slurm on this host (tests/slurmkit.py): munged, slurmctld and two slurmd nodes."""
+    import slurmkit
+
+    if missing := slurmkit.missing():
+        pytest.skip(f"Slurm is not installed (no {', '.join(missing)} on PATH); "
+                    "`apt-get install slurmctld slurmd slurm-client munge` as root, as .ci/run does")
+    with slurmkit.Cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

@@ -1,5 +1,6 @@
 """The executor end to end with tiny fake stage kinds: what runs and why, --only/--force,
-dry-run exit codes, failure and disk-full atomicity, the workspace lock, accelerate spawning."""
+dry-run exit codes, failure and disk-full atomicity, per-stage locks (a stage running elsewhere,
+no flock), stop on SIGUSR1 and requeue, accelerate and srun spawning."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cascadec import workspace as ws
-from cascadec.runtime import executor, registry
+from cascadec.runtime import executor, preempt, registry
 
 
 def stage(sid, needs=(), config=None, kind="write", **extra):
@@ -251,28 +254,137 @@ def test_a_failed_rename_into_place_puts_the_old_outputs_back(calls, monkeypatch
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from cascadec.runtime.executor import workspace_lock
-with workspace_lock(Path(sys.argv[1])):
+from cascadec.workspace import stage_lock, temp_dir, scratch_dir
+with stage_lock(Path(sys.argv[1]), sys.argv[2]):
+    temp_dir(Path(sys.argv[1]), sys.argv[2]).mkdir(parents=True)  # as a run of the stage leaves them
+    scratch_dir(Path(sys.argv[1]), sys.argv[2]).mkdir(parents=True)
     print("locked", flush=True)
     sys.stdin.read()
 """
 
 
-def test_the_lock_refuses_a_second_concurrent_run(calls, tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+@pytest.fixture
+def holder(tmp_path):
+    """Start a process that holds one stage's lock (as a run of it on another node would)."""
+    procs = []
+
+    def hold(sid):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path), sid], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline() == "locked\n"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.communicate("")
+
+
+def test_a_stage_running_elsewhere_is_left_alone_and_what_needs_it_waits(calls, holder, tmp_path):
+    proc = holder("b")
+    who = f"{socket.gethostname()} (pid {proc.pid})"
+    assert run(chain(), tmp_path, dry_run=True) == (2, [
+        "run   a  (new)", f"busy  b  (running on {who})", "run   c  (new)", "run   d  (new)",
+        "3 to run, 0 up to date, 1 running elsewhere."])
+    assert ws.status_lines(chain(), tmp_path)[1] == f"busy  b  (running on {who})"
+    assert run(chain(), tmp_path) == (1, [
+        "run   a  (new)", f"busy  b  (running on {who})", "wait  c  (needs b)", "run   d  (new)",
+        "2 run, 0 up to date, 1 running elsewhere, 1 waiting for them.",
+        f"error: running elsewhere: b on {who}; not run, as it needs what is running: c; run again once it has finished"])
+    assert calls == ["a", "d"]
+    # its temporary and scratch folders are its own: nobody took them for leftovers
+    assert [p.name for p in (tmp_path / "stages").iterdir() if p.name.startswith(".tmp-b@")] != []
+    assert (tmp_path / "scratch" / "b").is_dir()
+    proc.communicate("")  # it ends (killed or done: the kernel drops its flock either way)
+    assert run(chain(), tmp_path)[1][:3] == ["skip  a  (up to date)", "run   b  (interrupted: starts over)", "run   c  (new)"]
+    assert calls == ["a", "d", "b", "c"]
+    assert [p.name for p in (tmp_path / "stages").iterdir() if p.name.startswith(".")] == []
+
+
+SLOW_RUN = """
+import json, sys
+from pathlib import Path
+from cascadec.runtime import executor, registry
+def slow(ctx):
+    print("started", flush=True)
+    sys.stdin.read()
+    (ctx.out / "out").mkdir()
+    (ctx.out / "out" / "f").write_text("slow")
+registry.STAGES["write"] = slow
+plan = json.loads(Path(sys.argv[2]).read_text())
+sys.exit(executor.run_plan(plan, Path(sys.argv[1]), Path(sys.argv[1]), only=[sys.argv[3]], out=lambda line: None))
+"""
+
+
+def test_independent_stages_run_at_once_from_one_workspace(calls, tmp_path):
+    plan = chain()
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    slow = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(tmp_path), str(tmp_path / "plan.json"), "a"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert slow.stdout.readline() == "started\n"
     try:
-        assert holder.stdout.readline() == "locked\n"
-        assert run(chain(), tmp_path) == (1, [
-            f"error: workspace {tmp_path} is in use by another cascadec run (pid {holder.pid}); "
-            "wait for it to finish or stop it"
-        ])
-        assert run(chain(), tmp_path, dry_run=True)[0] == 2  # reading is fine
+        assert run(plan, tmp_path, only=["d"]) == (0, ["run   d  (new)", "1 run, 0 up to date."])
+        assert ws.status_lines(plan, tmp_path)[0] == f"busy  a  (running on {socket.gethostname()} (pid {slow.pid}))"
     finally:
-        holder.communicate("")
-    assert run(chain(), tmp_path)[0] == 0
-    assert calls == ["a", "b", "c", "d"]
+        slow.communicate("")
+    assert slow.returncode == 0
+    assert run(plan, tmp_path) == (0, ["skip  a  (up to date)", "run   b  (new)", "run   c  (new)", "skip  d  (up to date)",
+                                       "2 run, 2 up to date."])
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_filesystem_without_flock_is_a_clear_error_naming_the_mount_option(calls, monkeypatch, tmp_path, code):
+    def no_flock(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ws.fcntl, "flock", no_flock)
+    assert run(chain(), tmp_path) == (1, [
+        f"error: cannot lock {tmp_path}/locks/a.lock: its filesystem does not support flock "
+        f"({errno.errorcode[code]}: {os.strerror(code)}); stages that share a workspace need it to stay apart. "
+        "Mount the filesystem with the `flock` option (Lustre: `mount -t lustre -o flock ...`; NFS: not `nolock`), "
+        "or put --workdir on one that has it"])
+    assert calls == [] and not (tmp_path / "stages").exists()
+    assert ws.status_lines(chain(), tmp_path)[0] == "run   a  (new)"  # reading needs no lock
+
+
+@pytest.fixture
+def signals():
+    """The executor installs a SIGUSR1 handler: forget what a test asked of it."""
+    yield
+    preempt.clear()
+
+
+def test_sigusr1_stops_a_stage_at_its_checkpoint_and_a_rerun_resumes(calls, monkeypatch, signals, tmp_path):
+    def train(ctx):
+        if not (ctx.scratch / "step-3").exists():
+            (ctx.scratch / "step-3").write_text("checkpoint")
+            os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm does before the time limit
+            assert preempt.requested(ctx.scratch) and (ctx.scratch / preempt.STOP_FILE).exists()
+            raise preempt.Preempted(3)
+        (ctx.out / "out").mkdir()
+        (ctx.out / "out" / "f").write_text("done")
+
+    monkeypatch.setitem(registry.STAGES, "write", train)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    rc, lines = run(chain(), tmp_path)
+    assert (rc, lines) == (1, ["run   a  (new)", "error: stopped on request (SIGUSR1) after its step checkpoint of step 3; "
+                                                "run again to resume"])
+    preempt.clear()  # a new process: the signal was for the one that stopped
+    assert run(chain(), tmp_path)[1][0] == "run   a  (interrupted: resumes from scratch/a)"
+    assert not (tmp_path / "scratch" / "a").exists()
+
+
+def test_inside_a_slurm_job_a_stop_requeues_the_job(calls, monkeypatch, signals, tmp_path):
+    monkeypatch.setitem(registry.STAGES, "write", lambda ctx: (_ for _ in ()).throw(preempt.Preempted(7)))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    asked = []
+    monkeypatch.setattr(executor.subprocess, "run", lambda cmd, **kw: asked.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    lines = []
+    assert executor.run_plan(chain(), tmp_path, tmp_path, out=lines.append) == 0
+    assert asked == [["scontrol", "requeue", "4242"]]
+    assert lines[-1] == ("      stopped on request (SIGUSR1) after its step checkpoint of step 7; "
+                         "requeued Slurm job 4242, which resumes there")
 
 
 def test_inputs_are_resolved_against_the_workspace_and_base_dir(monkeypatch, tmp_path):
@@ -337,8 +449,29 @@ def test_launch_command():
     ]  # fsdp: FSDP2 is applied by the stage itself (training/fsdp.py), not by Accelerate's plugin
     assert "--multi_gpu" in executor.launch_command(stage("a", launch={"devices": 2, "strategy": "ddp"}), Path("c"))
     assert not executor.needs_launcher(stage("a"))
-    with pytest.raises(ws.WorkspaceError, match="submit the scripts from `cascadec plan --emit DIR`"):
-        executor.launch_command(stage("a", launch={"devices": 8, "launcher": "slurm"}), Path("c"))
+    with pytest.raises(ws.WorkspaceError, match=r"^stage a is planned for Slurm on 2 nodes; submit its job "
+                       r"\(slurm/\*\.sbatch from `cascadec plan --emit DIR`\), which runs this same command inside"):
+        executor.launch_command(stage("a", launch={"devices": 8, "nodes": 2, "launcher": "slurm"}), Path("c"), env={})
+
+
+def test_launch_command_inside_a_slurm_job_runs_one_launcher_per_node(monkeypatch):
+    answers = {("show", "hostnames", "gpu[07-08]"): "gpu07\ngpu08\n",
+               ("show", "node", "-o", "gpu07"): "NodeName=gpu07 Arch=x86_64 NodeAddr=10.1.0.7 NodeHostName=gpu07\n"}
+    monkeypatch.setattr(executor, "_scontrol", lambda *args: answers[args])
+    st = stage("a", launch={"devices": 16, "nodes": 2, "launcher": "slurm", "strategy": "fsdp"})
+    cmd = executor.launch_command(st, Path("/w/ctx.json"), env={"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "16", "--num_machines", "2",
+                "--main_process_ip", "10.1.0.7", "--main_process_port", "23456", "--dynamo_backend", "no", "--multi_gpu"]
+    assert cmd == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c",
+                   'exec "${@:1:14}" --machine_rank "$SLURM_NODEID" "${@:15}"', "launch",
+                   *launcher, "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json"]
+    # what each task's shell runs: the launcher, its machine rank, then the module
+    shown = subprocess.run([*cmd[5:9], "echo", *cmd[10:]], env={"SLURM_NODEID": "1", "PATH": os.environ["PATH"]},
+                           capture_output=True, text=True, check=True).stdout.split()  # echo in place of python
+    assert shown == [*launcher[1:], "--machine_rank", "1", "-m", "cascadec.runtime.stage_main", "--ctx-json", "/w/ctx.json"]
+    one = stage("a", launch={"devices": 4, "nodes": 1, "launcher": "slurm", "strategy": "ddp"})
+    assert executor.launch_command(one, Path("c"), env={"SLURM_JOB_ID": "9"})[:6] == [
+        "srun", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1", sys.executable]
 
 
 def test_editing_one_data_file_reruns_exactly_the_stages_that_read_it(calls, monkeypatch, tmp_path):

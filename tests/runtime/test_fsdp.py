@@ -19,7 +19,7 @@ from stagekit import context, stage
 from transformers import AutoModelForCausalLM, modeling_utils
 
 from cascadec.runtime import executor
-from cascadec.runtime.stages import distill
+from cascadec.runtime.stages import control, distill
 from cascadec.runtime.training import fsdp
 from cascadec.runtime.training import train as train_module
 
@@ -180,3 +180,46 @@ def test_activation_checkpointing_under_fsdp_recomputes_layers_and_changes_no_nu
     assert losses(plain.out) == losses(sharded.out)
     a, b = weights(plain.out), weights(sharded.out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_that_fits_replicated_stays_whole_and_changes_no_number(tiny_models, corpus, tmp_path):
+    local = {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "fsdp"}
+    st = {**stage(steps=2), "launch": local, "estimate": {"memory_gb": 0.1, "device_memory_gb": 80}}
+    replicated = context(tmp_path / "replicated", st, dict(tiny_models), corpus)
+    metrics = distill.run(replicated)
+    assert metrics["teacher_placement"].startswith("replicated: the plan's estimate")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
+    assert metrics["teacher_params_per_rank"] == [sum(p.numel() for p in teacher.parameters())]
+    sharded = context(tmp_path / "sharded", {**st, "estimate": {}}, dict(tiny_models), corpus)
+    assert distill.run(sharded)["teacher_placement"].startswith("sharded")
+    assert losses(replicated.out) == losses(sharded.out)
+    a, b = weights(replicated.out), weights(sharded.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_under_fsdp_is_refused_by_the_runtime_too(tiny_models, corpus, tmp_path):
+    st = {**stage(steps=1, precision="fp16"), "launch": {"devices": 1, "nodes": 1, "launcher": "local", "strategy": "fsdp"}}
+    with pytest.raises(ValueError, match=r"precision fp16 is not supported with strategy fsdp \(the compiler refuses "
+                                         r"it: CSC251\); use precision bf16"):
+        distill.run(context(tmp_path, st, dict(tiny_models), corpus))
+
+
+@pytest.mark.slow
+def test_a_tied_control_model_initialised_on_rank_0_equals_the_one_process_run(tiny_models, corpus, tmp_path):
+    """control: rank 0 initialises the model from the seed, rank 1 builds it on the meta device and
+    receives rank 0's weights; the tied head is one parameter, written once."""
+    shape = dict(family="mistral", layers=2, hidden=32, ffn=64, heads=2, kv_heads=1, head_dim=16, vocab=320,
+                 tied_embeddings=True)
+    base = {**stage(), "kind": "control"}
+    base["config"] = {**base["config"], "shape": shape, "loss": None}
+    st = stage(base, steps=4, micro_batch=1)
+    one = context(tmp_path / "one", st, {"template": tiny_models["teacher"]}, corpus)
+    control.run(one)
+    ctx, metrics = spawn(tmp_path / "two", {**st, "launch": FSDP2}, {"template": tiny_models["teacher"]}, corpus,
+                         tmp_path / "cache")
+    assert metrics["processes"] == 2 and "teacher_placement" not in metrics
+    assert losses(ctx.out) == pytest.approx(losses(one.out), rel=1e-4)
+    a, b = weights(one.out), weights(ctx.out)
+    assert a.keys() == b.keys() and "lm_head.weight" not in b
+    assert max(relative_error(a[k], b[k]) for k in a) < 1e-4
+    assert AutoModelForCausalLM.from_pretrained(ctx.out / "model").config.tie_word_embeddings

@@ -344,3 +344,21 @@ def test_prune_calibration_file_is_read_by_its_name(tmp_path):
                      "a.parquet": "parquet"}
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes([{"text": d} for d in DOCS])))
     assert read_all(file_source(Path("c.jsonl.gz"))) == DOCS
+
+
+def test_skipped_records_are_counted_in_the_stage_manifest(tmp_path, tiny_models, capsys):
+    import shutil
+
+    from cascadec import cli
+
+    shutil.copytree(tiny_models["teacher"], tmp_path / "parent")
+    (tmp_path / "data").mkdir()
+    good = "".join(json.dumps({"text": f"document {i}: " + "words " * 20}) + "\n" for i in range(8))
+    (tmp_path / "data/x.jsonl").write_text(good + '{"body": "x"}\n[3]\n')
+    (tmp_path / "spec.yaml").write_text(SPEC.replace('paths: ["data/*.jsonl"]}', 'paths: ["data/*.jsonl"], on_error: skip}'))
+    assert cli.main(["run", "spec.yaml", "--workdir", "ws", "--only", "calibrate/small"]) == 0
+    manifest = json.loads((tmp_path / "ws/stages/calibrate/small/manifest.json").read_text())
+    assert manifest["metrics"]["data_skipped"] == {"skipped": 2, "per_file": {"data/x.jsonl": 2}, "first": [
+        "data/x.jsonl:9: no field 'text' (fields: body); set data.web.field",
+        'data/x.jsonl:10: record is a JSON array, not an object; each line must be an object such as {"text": ...}',
+    ]}
