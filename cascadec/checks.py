@@ -394,6 +394,12 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                      "a stream is read once; lower the budgets or declare more data")
     if spec.eval is not None:
         check_data(spec.eval.data, (*spec.eval.at, "data"), "eval")
+        h = spec.eval.harness or {}
+        for task in h.get("tasks", ()):
+            if "generate" in task:
+                check_data(task["data"], (*task["at"], task["generate"]), "eval")
+        for i, name in enumerate(h.get("include", ())):
+            check_data(name, ("eval", "harness", "include", i), "eval")
     return out
 
 

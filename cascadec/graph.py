@@ -390,15 +390,23 @@ class Builder:
         prov.update({"launch.devices": f"one node of {prov['launch.devices']}", "launch.nodes": "eval runs on one node",
                      "launch.strategy": "eval replicates the model on each device"})
         zeros = {name: {"offset": 0} for name in self.spec.data[ev.data].mix}  # every eval reads from the start
+        config = {"data": {"name": ev.data, "offset": 0, **_mix_config(self.spec, ev.data, self.mix_window(
+                      ev.data, ev.seq_len, ev.tokens // ev.seq_len, starts=zeros))},
+                  "tokens": ev.tokens, "seq_len": ev.seq_len,
+                  "checkpoints": names, "precision": s["resources.precision"],
+                  "micro_batch": estimate.eval_batch(ev.seq_len), "chunk_tokens": s["loss.chunk_tokens"]}
+        extra = []
+        if ev.harness:  # the harness reads text: generated tasks and task folders are raw data inputs
+            h = ev.harness
+            config["harness"] = {"tasks": [{k: v for k, v in t.items() if k != "at"} for t in h["tasks"]],
+                                 "include": h["include"], "batch_size": h["batch_size"]}
+            reads = sorted({t["data"] for t in h["tasks"] if "generate" in t} | set(h["include"]))
+            extra = [{"role": f"harness:{d}", "data": d} for d in reads]
         self.add({"id": sid, "kind": "eval",
                   "inputs": [self.checkpoint(f"checkpoint:{n}", n) for n in names]
-                  + self.reading(ev.data, self.tokenizer_of(names[0])),
+                  + self.reading(ev.data, self.tokenizer_of(names[0])) + extra,
                   "outputs": [_path(sid, "eval.json")],
-                  "config": {"data": {"name": ev.data, "offset": 0, **_mix_config(self.spec, ev.data, self.mix_window(
-                                 ev.data, ev.seq_len, ev.tokens // ev.seq_len, starts=zeros))},
-                             "tokens": ev.tokens, "seq_len": ev.seq_len,
-                             "checkpoints": names, "precision": s["resources.precision"],
-                             "micro_batch": estimate.eval_batch(ev.seq_len), "chunk_tokens": s["loss.chunk_tokens"]},
+                  "config": config,
                   "launch": launch, "provenance": {**prov, "config.precision": s.provenance["resources.precision"],
                                                    "config.chunk_tokens": s.provenance["loss.chunk_tokens"]},
                   "_n": param_count(self.shapes[owner]),
@@ -406,13 +414,44 @@ class Builder:
                   "_at": ev.at})
         return sid
 
-    def export(self, c: ChildSpec) -> None:
+    def export(self, c: ChildSpec, eval_sid: str | None) -> None:
         finals = [f"{c.name}/{c.phases[-1].name}"] + [f"{c.name}/{v}/{steps[-1].name}" for v, steps in c.variants]
         names = [f.split("/", 1)[1].replace("/", "-") for f in finals]
         sid = resolve.stage_id("export", c.name)
-        self.add({"id": sid, "kind": "export", "inputs": [self.checkpoint(f"checkpoint:{f}", f) for f in finals],
-                  "outputs": [_path(sid, n) for n in names], "config": {"names": names},
+        inputs = [self.checkpoint(f"checkpoint:{f}", f) for f in finals]
+        if eval_sid is not None:  # the model card's results table
+            inputs.append({"role": "eval", "stage": eval_sid, "path": _path(eval_sid, "eval.json")})
+        self.add({"id": sid, "kind": "export", "inputs": inputs,
+                  "outputs": [_path(sid, n) for n in names],
+                  "config": {"names": names, "checkpoints": finals, "card": self.card(c)},
                   "launch": dict(LOCAL), "provenance": {}, "_n": 0}, c.calibration)
+
+    def card(self, c: ChildSpec) -> dict:
+        """What the exported model card says: the family, the root it was cut from, and every step
+        that made this child (its ancestors' first), with tokens and teachers, as planned."""
+        chain, cur = [], c
+        while cur is not None:
+            chain.insert(0, cur)
+            src = resolve.lookup(cur.prune_from, self.cps)
+            cur = next((x for x in self.spec.children if x.name == src.child), None) if src.child else None
+        root = resolve.lookup(chain[0].prune_from, self.cps).ref
+        steps = []
+        for x in chain:
+            prune = self.g.nodes[resolve.stage_id("prune", x.name)]["stage"]
+            steps.append({"stage": prune["id"], "what": f"pruned from {x.prune_from} to {param_count(self.shapes[x.name]):,} "
+                          "parameters (" + ", ".join(f"{a}: {m}" for a, m in sorted(prune["config"]["methods"].items()) if m)
+                          + ")"})
+            trainings = [(None, p) for p in x.phases] + ([(v, s) for v, ss in x.variants for s in ss] if x is c else [])
+            for variant, tr in trainings:
+                st = self.g.nodes[resolve.training_stage_id(x, tr, variant)]["stage"]
+                what = f"{tr.kind} at {tr.seq_len:,} tokens of context"
+                what += f", {st['config']['tokens']:,} tokens of {tr.data}" if st["config"].get("tokens") else f", data {tr.data}"
+                what += f", teacher {tr.teacher}" if tr.teacher else ""
+                steps.append({"stage": st["id"], "what": what})
+        source = (self.spec.models.get(root.split("/")[0]) or None)
+        return {"family": self.spec.family, "description": self.spec.description, "child": c.name,
+                "params": param_count(self.shapes[c.name]), "root": root,
+                "root_source": dict(source.source) if source is not None else None, "steps": steps}
 
     def report(self, evals: list[str]) -> None:
         sid = resolve.stage_id("report", self.spec.family)
@@ -441,7 +480,7 @@ def build(spec: FamilySpec) -> nx.DiGraph:
                 ([f"{c.name}/control"] if c.control else [])
             evals.append(b.eval(c.name, names))
         if c.export:
-            b.export(c)
+            b.export(c, evals[-1] if spec.eval is not None else None)
     if spec.eval is not None:
         roots = sorted({b.cps[c.prune_from].model for c in spec.children if b.cps[c.prune_from].model is not None})
         evals += [b.eval(m, [m]) for m in roots]

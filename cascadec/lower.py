@@ -236,6 +236,32 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
         budget_tokens=quantity(budget["tokens"]) if "tokens" in budget else None,
         from_scratch_tokens=quantity(budget["from_scratch_tokens"]) if "from_scratch_tokens" in budget else None,
         hardware=hardware, models=models, data=data, judges=judges, children=tuple(children),
-        eval=EvalSpec(data=ev["data"], tokens=quantity(ev["tokens"]), seq_len=ev["seq_len"], at=("eval",)) if ev else None,
+        eval=EvalSpec(data=ev["data"], tokens=quantity(ev["tokens"]), seq_len=ev["seq_len"], at=("eval",),
+                      harness=harness(ev["harness"]) if ev.get("harness") else None) if ev else None,
         assumed=tuple(assumed), defaults=family_settings,
     )
+
+
+HARNESS_BATCH = 8
+GENERATED = {"perplexity": {"limit": 100}, "next_line": {"choices": 4, "limit": 200}}
+
+
+def harness(raw: dict) -> dict:
+    """`eval.harness` as the plan states it: every task a dict with all its settings.
+
+    A named task keeps ``num_fewshot``/``limit`` null where neither it nor the block sets one (the
+    harness's own default); a generated task (`perplexity`, `next_line`) names its data source and
+    gets its defaults written out, so the plan says exactly what is scored.
+    """
+    tasks = []
+    for i, item in enumerate(raw["tasks"]):
+        item = {"task": item} if isinstance(item, str) else dict(item)
+        gen = next((k for k in GENERATED if k in item), None)
+        if gen:
+            tasks.append({"generate": gen, "data": item.pop(gen), **GENERATED[gen], **item, "at": ("eval", "harness", "tasks", i)})
+        else:
+            tasks.append({"task": item["task"], "num_fewshot": item.get("num_fewshot", raw.get("num_fewshot")),
+                          "limit": item.get("limit", raw.get("limit")), "at": ("eval", "harness", "tasks", i)})
+    return {"tasks": tasks, "include": list(raw.get("include") or []),
+            "batch_size": raw.get("batch_size", HARNESS_BATCH)}
+

@@ -136,6 +136,7 @@ class EvalSpec:
     tokens: int
     seq_len: int
     at: tuple
+    harness: dict | None = None  # lower.harness(): tasks normalised, include, batch_size
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -69,6 +69,7 @@ from cascadec.workspace import (
 
 from . import preempt, registry
 from .context import StageContext
+from .progress import quiet_libraries
 from .stage_main import PREEMPTED
 
 STAGE_MAIN = "cascadec.runtime.stage_main"  # `python -m ... --ctx-json FILE`, one per process
@@ -101,6 +102,7 @@ def run_plan(
     job the job is requeued (0), elsewhere 1.
     """
     workdir, base_dir = Path(workdir), Path(base_dir).resolve()
+    quiet_libraries()  # outside a terminal: plain progress lines, no bar refreshes (progress.py)
     try:
         stages = select(plan, only, force)
         forced = {s["id"] for s in stages if _matches(s["id"], force)}
@@ -370,7 +372,7 @@ def _spawn(ctx: StageContext) -> dict:
     """
     ctx_json, result = ctx.scratch / "ctx.json", ctx.scratch / "result.json"
     result.unlink(missing_ok=True)
-    fields = {k: getattr(ctx, k) for k in ("stage", "inputs", "data", "out", "scratch", "cache")}
+    fields = {k: getattr(ctx, k) for k in ("stage", "inputs", "data", "out", "scratch", "cache", "workdir")}
     ctx_json.write_text(json.dumps({**fields, "result": result}, default=str, indent=2))
     cmd = launch_command(ctx.stage, ctx_json)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:

@@ -35,12 +35,14 @@ def collect(plan: dict, workdir: Path) -> dict:
     """Everything the report shows, as plain data (this is also `--format json`)."""
     workdir = Path(workdir)
     stages = {s["id"]: s for s in plan["stages"]}
-    losses = {}
+    losses, benchmarks = {}, {}
     for sid, s in stages.items():
         if s["kind"] == "eval":
             ev = _read_json(workdir / "stages" / sid / "eval.json")
             for name, r in ((ev or {}).get("checkpoints") or {}).items():
                 losses[name] = r["loss"]
+                if r.get("harness"):
+                    benchmarks[name] = {task: headline(m) for task, m in r["harness"].items()}
     children = []
     for name, m in plan["models"].items():
         if m["role"] != "child":
@@ -86,8 +88,17 @@ def collect(plan: dict, workdir: Path) -> dict:
                           "sources": {k: {"planned": w["tokens"], "offset": w["offset"], "read": read.get(k)}
                                       for k, w in sorted(sources.items())}})
     return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
-            "losses": losses, "stages": spent, "pruning": pruning, "curves": {k: v for k, v in curves.items() if v},
-            "mixes": mixes, "totals": plan["totals"]}
+            "losses": losses, "benchmarks": benchmarks, "stages": spent, "pruning": pruning,
+            "curves": {k: v for k, v in curves.items() if v}, "mixes": mixes, "totals": plan["totals"]}
+
+
+HEADLINE = ("acc_norm", "acc", "exact_match", "bits_per_byte")  # the metric a task is reported by
+
+
+def headline(metrics: dict) -> dict:
+    """``{"metric": name, "value": x}``: the first of HEADLINE a task reports, else its first metric."""
+    name = next((m for m in HEADLINE if m in metrics), next(iter(metrics), None))
+    return {"metric": name, "value": metrics.get(name)}
 
 
 def plots(data: dict, out: Path) -> list[str]:
@@ -132,7 +143,30 @@ def plots(data: dict, out: Path) -> list[str]:
         fig.savefig(out / "family.png", dpi=110)
         plt.close(fig)
         written.append("family.png")
+    tasks = _tasks(data)
+    if tasks:
+        names = list(data["benchmarks"])
+        fig, axes = plt.subplots(1, len(tasks), figsize=(max(6, 4.5 * len(tasks)), 4.8), squeeze=False)
+        for ax, (task, metric) in zip(axes[0], tasks):
+            values = [(data["benchmarks"][n].get(task) or {}).get("value") for n in names]
+            ax.bar(range(len(names)), [v or 0 for v in values])
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{task} ({metric})", fontsize=9)
+        fig.suptitle(f"{data['family']}: benchmarks per checkpoint")
+        fig.tight_layout()
+        fig.savefig(out / "benchmarks.png", dpi=110)
+        plt.close(fig)
+        written.append("benchmarks.png")
     return written
+
+
+def _tasks(data: dict) -> list[tuple[str, str]]:
+    """(task, headline metric) of every task any checkpoint was scored on, in first-seen order."""
+    seen = {}
+    for row in data.get("benchmarks", {}).values():
+        for task, h in row.items():
+            seen.setdefault(task, h["metric"])
+    return list(seen.items())
 
 
 def _f(x, fmt="{:.4f}") -> str:
@@ -153,7 +187,19 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
     lines += ["", "'held-out loss' is the child's final base checkpoint (its last pretraining phase); "
               "'gap recovered' = (pruned − final) / (pruned − parent): the share of the loss that pruning "
               "cost which distillation won back.", ""]
-    lines += [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    lines += [f"![{Path(i).stem}]({i})" for i in images if i != "benchmarks.png"] + [""]
+    tasks = _tasks(data)
+    if tasks:
+        lines += ["## Benchmarks (lm-evaluation-harness)", "",
+                  "| checkpoint | held-out loss | " + " | ".join(f"{task} ({metric})" for task, metric in tasks) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " |"]
+        for name, row in data["benchmarks"].items():
+            cells = [_f((row.get(task) or {}).get("value")) for task, _ in tasks]
+            lines.append(f"| {name} | {_f(data['losses'].get(name))} | " + " | ".join(cells) + " |")
+        lines += ["", "Every checkpoint the plan scores, through the harness's own task definitions; the "
+                  "`cascadec_*` tasks are generated from the spec's data sources (bits per byte: lower is "
+                  "better; accuracy: higher is better). All metrics are in each eval stage's eval.json and manifest.",
+                  ""] + (["![benchmarks](benchmarks.png)", ""] if "benchmarks.png" in images else [])
     lines += ["## Pruning: how far each cut moved the model", "",
               "| prune stage | methods | KL to source | calibration loss before → after | top-1 agreement |",
               "| --- | --- | ---: | ---: | ---: |"]
@@ -186,7 +232,10 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
                      f"{_f(s['wall_time_s'], '{:.1f} s')} |")
     t = data["totals"]
     lines += ["", f"Planned: {si(t['flops'])}FLOPs, {t['device_hours']:,.2f} device-hours on {t['hardware']['device']}. "
-              f"Spent: {wall:,.1f} s of wall time over the stages run.", "", "## Stages", "", "```mermaid",
+              f"Spent: {wall:,.1f} s of wall time over the stages run.", "",
+              "Logs: each training stage's per-step metrics are `stages/<stage id>/metrics.jsonl` in the workspace; "
+              "TensorBoard event files (written when `tensorboard` is installed) are kept in `logs/<stage id>/`, "
+              "outside the stages' scratch: `tensorboard --logdir WORKDIR/logs`.", "", "## Stages", "", "```mermaid",
               mermaid(plan).rstrip(), "```", ""]
     return "\n".join(lines)
 

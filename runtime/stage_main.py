@@ -29,6 +29,7 @@ def load_context(path: Path) -> tuple[StageContext, Path | None]:
         out=Path(raw["out"]),
         scratch=Path(raw["scratch"]),
         cache=Path(raw["cache"]) if raw.get("cache") else None,
+        workdir=Path(raw["workdir"]) if raw.get("workdir") else None,
     )
     return ctx, Path(raw["result"]) if raw.get("result") else None
 

@@ -16,18 +16,21 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import transformers as tf
 
 from ..context import StageContext
 from ..data.stream import Window, stage_stream
+from ..evaluation import harness
 from ..training.kd import nll_sum
 from ..training.models import load_model
 from ..training.train import decoder_hidden, next_token_labels, on_cpu
 
 ROLE = "checkpoint:"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HARNESS_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @torch.no_grad()
@@ -62,6 +65,8 @@ def run(ctx: StageContext) -> dict:
     precision = cfg.get("precision", "fp32")
     state = PartialState(cpu=on_cpu())
     reduce = (lambda t: _sum(t, state)) if state.num_processes > 1 else None
+    harness_cfg = cfg.get("harness")
+    include = _harness_tasks(ctx, harness_cfg, state) if harness_cfg else []
     results = {}
     for name in cfg["checkpoints"]:
         path = ctx.inputs[ROLE + name]
@@ -78,14 +83,36 @@ def run(ctx: StageContext) -> dict:
         params = sum(p.numel() for p in model.parameters())
         results[name] = {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4),
                          "tokens": count, "params": params}
+        del model  # before the harness loads the checkpoint itself
+        if harness_cfg:
+            results[name]["harness"] = harness.run(
+                path, harness_cfg["tasks"], include=include, dtype=HARNESS_DTYPES[precision],
+                device=str(state.device), batch_size=int(harness_cfg.get("batch_size") or 8), log=ctx.log)
         ctx.log(f"eval {name}: loss {loss:.4f} (ppl {math.exp(loss):.2f}) on {count:,} tokens, {precision} "
                 f"on {state.num_processes} x {state.device.type}, {time.time() - started:.1f}s")
-        del model
     if state.is_main_process:
         summary = {"checkpoints": results, "precision": precision, "processes": state.num_processes,
                    "device": state.device.type}
         (ctx.out / "eval.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return {"checkpoints": {k: v["loss"] for k, v in results.items()}}
+    metrics = {"checkpoints": {k: v["loss"] for k, v in results.items()}}
+    if harness_cfg:
+        metrics["harness"] = {k: v["harness"] for k, v in results.items()}
+    return metrics
+
+
+def _harness_tasks(ctx: StageContext, cfg: dict, state) -> list:
+    """Folders the harness searches for tasks: the generated tasks' (written by the main process
+    into scratch) and those holding the files of each `include` data source."""
+    out = ctx.scratch / "harness-tasks"
+    with state.main_process_first():
+        if state.is_main_process:
+            for task in cfg["tasks"]:
+                if "generate" in task:
+                    harness.generate(task, ctx.data[task["data"]], out)
+    dirs = [out]
+    for name in cfg.get("include") or []:
+        dirs += sorted({Path(p).parent for p in ctx.data[name]["paths"]} - set(dirs))
+    return dirs
 
 
 def _sum(t: torch.Tensor, state) -> torch.Tensor:

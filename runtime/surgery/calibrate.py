@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
+
+from ..progress import Progress
 
 SCORES = ("norm_ratio", "block_influence", "angular", "ffn_activation", "hidden_pca",
           "hidden_channel", "heads")
@@ -160,13 +161,17 @@ def collect(decoder, input_ids: torch.Tensor, *, batch_size: int, scores, progre
     head_dim = decoder.layers[0].self_attn.head_dim
     handles = install_hooks(decoder, acc, head_dim)
     device = next(decoder.parameters()).device
+    starts = range(0, len(input_ids), batch_size)
+    bar = Progress(len(starts), what="calibrate", unit="batch", enabled=progress)
     try:
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="calibrate", disable=not progress):
+        for start in starts:
             batch = input_ids[start:start + batch_size].to(device)
             decoder(input_ids=batch, use_cache=False)
             acc.tokens += batch.numel()
             acc.sequences += len(batch)
             acc.end_batch()
+            bar.update(1)
+        bar.close()
     finally:
         for h in handles:
             h.remove()

@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from cascadec.shapes import Shape, from_hf_config, hf_config_updates, param_count
 
 from . import keep as keeping
 from .adapters import MISTRAL3_PROJECTOR, Adapter, for_config, read_config
+from ..progress import Progress
 from ..checkpoint import DEFAULT_SHARD_BYTES, Reader, ShardWriter, atomic_dir, copy_side_files
 from .keep import Basis, Keep, SurgeryError
 from .reconstruction import WARN_KL, verify
@@ -99,13 +99,16 @@ def write_text(reader: Reader, adapter: Adapter, source: Shape, target: Shape, k
 
     dtype = reader.read([adapter.final_norm])[adapter.final_norm].dtype
     put_rows(adapter.embed, k.basis.read)
-    for new_i, old_i in enumerate(tqdm(k.layers, desc="prune", leave=False)):
+    bar = Progress(len(k.layers), what="prune", unit="layer")
+    for new_i, old_i in enumerate(k.layers):
         keys = adapter.layer_keys(old_i)
         found = reader.read(keys.values())
         t = {role: found.pop(key).float() for role, key in keys.items() if key in found}
         new_keys = adapter.layer_keys(new_i)
         for role, tensor in cut_layer(t, k, old_i, source.head_dim).items():
             put(new_keys[role], tensor, dtype)
+        bar.update(1)
+    bar.close()
     g = reader.read([adapter.final_norm])[adapter.final_norm].float()
     if target.tied_embeddings:  # the head is the embedding: it cannot absorb the final gain
         put(adapter.final_norm, k.basis.tied_final_norm(g), dtype)

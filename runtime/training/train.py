@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from .. import preempt
 from ..context import StageContext
+from ..progress import Progress
 from . import fsdp
 from ..data.stream import (DataPosition, MixStream, Window, copy_tokenizer_files, micro_batches, per_process,
                            source_tokens, stage_stream, tokenizer_fingerprint)
@@ -142,7 +142,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     #    Under fsdp the mixed-precision policy of `fully_shard` casts, not Accelerate's autocast.
     accelerator = Accelerator(cpu=on_cpu(), mixed_precision="no" if sharded else compute,
                               log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
-                              project_dir=str(ctx.scratch))
+                              project_dir=str(log_dir(ctx)))
     own_group = sharded and fsdp.init_process_group(accelerator.device)
     set_seed(int(config.get("seed", 0)))
     accum = per_process(window.global_batch, accelerator.num_processes, micro) // micro
@@ -199,7 +199,8 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
 
     # 4. The loop.
     start, started = position.step, time.perf_counter()
-    bar = tqdm(total=window.steps, initial=start, unit="step", disable=not accelerator.is_main_process)
+    bar = Progress(window.steps, initial=start, what=str(ctx.stage.get("id", "train")), log=ctx.log,
+                   enabled=accelerator.is_main_process)
     loss_value = float("nan")
     for step in range(start, window.steps):
         total = torch.zeros((), device=accelerator.device)
@@ -228,8 +229,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         record = {"step": position.step, "tokens": position.tokens, "loss": loss_value,
                   "lr": step_lr, "grad_norm": grad_norm, "tokens_per_s": rate}
         _log_metrics(accelerator, metrics_file, record)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
-        bar.update(1)
+        bar.update(1, loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
         stop = position.step < window.steps and _agreed(accelerator, preempt.requested(ctx.scratch))
         if stop or _due(position.step, window.steps, ckpt_cfg):
             state = (objective, optimizer, {"scheduler": scheduler.state_dict(), "position": position.state_dict()})
@@ -245,6 +245,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - started
     dtype = save_dtype(config.get("precision"))
+    trained_context(model, config, window)
     if sharded:
         fsdp.save_pretrained(objective.model, Path(ctx.out) / "model", dtype)
     elif accelerator.is_main_process:
@@ -266,6 +267,23 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
             "wall_s": round(wall, 3), "resumed_from_step": start, "processes": accelerator.num_processes,
             "tokens_per_s": round(trained_tokens / max(wall, 1e-9), 1), "strategy": strategy,
             "dtype": str(dtype).removeprefix("torch."), **placement, **per_source}
+
+
+def trained_context(model, config: dict, window: Window) -> None:
+    """State in the config the context the model was trained for: the plan's `rope` settings when
+    the stage extends the context (applied at load, models.py), else the stage's `seq_len`. A
+    harness or vLLM takes `max_position_embeddings` at its word and would otherwise evaluate
+    windows the model never saw (a parent bootstrapped at 128 tokens must not claim 2,048)."""
+    if not (config.get("rope") or {}).get("max_position_embeddings"):
+        model.config.get_text_config().max_position_embeddings = window.seq_len
+
+
+def log_dir(ctx: StageContext) -> Path:
+    """TensorBoard's folder: `WORKDIR/logs/<stage id>/`, which outlives the stage's scratch (removed
+    when the stage succeeds) and is not one of its hashed outputs; scratch when there is no workspace."""
+    if ctx.workdir is None:
+        return Path(ctx.scratch)
+    return Path(ctx.workdir) / "logs" / str(ctx.stage.get("id", "stage"))
 
 
 def _optimizer(model, opt_cfg: dict, sched_cfg: dict, steps: int):

@@ -49,8 +49,41 @@ def test_every_stage_ran_and_the_report_is_where_the_run_says(family):
     md = (folder / "report.md").read_text()
     assert "| child | params | distill tokens | held-out loss |" in md and "```mermaid" in md
     assert "| prune stage | methods | KL to source | calibration loss before → after | top-1 agreement |" in md
-    for png in ("loss_curves.png", "family.png"):
+    for png in ("loss_curves.png", "family.png", "benchmarks.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| checkpoint | held-out loss | cascadec_perplexity_stdlib_heldout (bits_per_byte) | " \
+           "cascadec_next_line_stdlib_heldout (acc) |" in md
+    assert "\r" not in out  # no progress-bar refreshes in a log (stdout is a pipe here)
+
+
+@pytest.mark.slow
+def test_harness_scores_every_checkpoint_and_exports_carry_a_model_card(family):
+    root, report, _ = family
+    assert set(report["benchmarks"]) == set(report["losses"])
+    for name, row in report["benchmarks"].items():
+        assert row["cascadec_perplexity_stdlib_heldout"]["metric"] == "bits_per_byte"
+        assert 0 < row["cascadec_perplexity_stdlib_heldout"]["value"] < 8, name
+        assert 0 <= row["cascadec_next_line_stdlib_heldout"]["value"] <= 1, name
+    # the harness and our held-out loss agree on the order of the parent and the first child's final model
+    bpb = {n: r["cascadec_perplexity_stdlib_heldout"]["value"] for n, r in report["benchmarks"].items()}
+    assert (bpb["parent"] < bpb["tiny-a/long"]) == (report["losses"]["parent"] < report["losses"]["tiny-a/long"])
+    card = (root / "ws" / "stages" / "export" / "tiny-a" / "long" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "## How it was made" in card
+    assert "| tiny-a/long (this model) |" in card
+
+
+@pytest.mark.slow
+def test_every_checkpoint_states_the_context_it_was_trained_for(family):
+    root, _, _ = family
+    spec = yaml.safe_load((root / "small.yaml").read_text())
+    want = {"bootstrap/parent": spec["models"]["parent"]["source"]["bootstrap"]["seq_len"]}
+    for c in ("tiny-a", "tiny-b", "tiny-c"):
+        want[f"control/{c}"] = 128
+        want[f"distill/{c}/short"] = 128
+        want[f"distill/{c}/long"] = 512
+    for sid, n in want.items():
+        config = json.loads((root / "ws" / "stages" / sid / "model" / "config.json").read_text())
+        assert config["max_position_embeddings"] == n, sid
 
 
 @pytest.mark.slow

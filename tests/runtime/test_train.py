@@ -45,7 +45,10 @@ def test_distill_trains_and_saves_a_loadable_model(tiny_models, corpus, tmp_path
     after = weights(ctx.out)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    AutoModelForCausalLM.from_pretrained(ctx.out / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(ctx.out / "model")
+    # the context it was trained at, not the 512 the student was built with (issue: a harness believes it)
+    assert AutoConfig.from_pretrained(tiny_models["student"]).max_position_embeddings == 512
+    assert loaded.config.max_position_embeddings == 16
     # byte for byte, so the distilled model is still compared equal to its teacher's tokenizer
     assert tokenizer_fingerprint(ctx.out / "model") == tokenizer_fingerprint(tiny_models["student"])
 
@@ -157,12 +160,14 @@ def test_control_and_bootstrap_train_from_scratch(tiny_models, corpus, tmp_path)
     ctx = context(tmp_path / "control", st, inputs, corpus)
     assert control.run(ctx)["tokens_seen"] == 3 * 64
     assert AutoConfig.from_pretrained(ctx.out / "model").num_hidden_layers == 1
+    assert AutoConfig.from_pretrained(ctx.out / "model").max_position_embeddings == st["config"]["seq_len"]
     st, inputs, _ = training_stage("bootstrap", tiny_models, steps=3)
     ctx = context(tmp_path / "boot", st, inputs, corpus)
     metrics = bootstrap.run(ctx)
     assert metrics["final_loss"] == metrics["final_loss"]  # finite, not NaN
     config = AutoConfig.from_pretrained(ctx.out / "model")
     assert config.model_type == "mistral" and config.tie_word_embeddings and config.vocab_size == 320
+    assert config.max_position_embeddings == st["config"]["seq_len"]  # trained at, not built for (2,048)
     from cascadec.runtime.data.chat import DEFAULT_TEMPLATE  # a trained BPE has no template: the default is written
 
     assert AutoTokenizer.from_pretrained(ctx.out / "model").chat_template == DEFAULT_TEMPLATE
