@@ -49,8 +49,9 @@ class Progress:
     """A bar on a terminal, plain lines through ``log`` elsewhere; ``enabled=False`` is silent."""
 
     def __init__(self, total: int, *, what: str, unit: str = "step", initial: int = 0,
-                 log: Callable[[str], None] = print, enabled: bool = True):
-        self.total, self.done, self.what, self.unit, self.log = total, initial, what, unit, log
+                 log: Callable[[str], None] | None = None, enabled: bool = True):
+        self.total, self.done, self.what, self.unit = total, initial, what, unit
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))  # stdout may be a result
         self.enabled = enabled
         self.bar = None
         if enabled and interactive():
