@@ -3,8 +3,9 @@
 Owns the scores (layers, FFN channels, residual stream, heads), their files (``stats.safetensors``
 and ``summary.json``) and their exact definitions below. It never changes a model.
 
-Scores, all accumulated in float64 across batches (per-batch reductions run in the model's
-float32 so the hooks stay cheap):
+Scores, all accumulated in float64 across batches; per-batch reductions run in float32 whatever
+the model's dtype (a bf16 model's activations are upcast first: bf16 keeps 8 significant bits, so
+norm ratios 0.4% apart would tie and the tie would fall to the layer index):
 
 - ``norm_ratio`` [L]: mean over tokens of ‖layer output‖/‖layer input‖ (Ministral 3, Alg. 2).
 - ``block_influence`` [L]: 1 − mean over tokens of cos(layer input, layer output) (ShortGPT).
@@ -61,15 +62,16 @@ class Accumulator:
 
     def layer(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Decoder layer ``i`` maps residual ``x`` to ``y`` ([B, S, d])."""
+        x, y = x.float(), y.float()
         if self.scores & {"norm_ratio", "block_influence"}:
             ratio = y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
             self.add("norm_ratio", ratio.sum().reshape(1), i)
             cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
             self.add("cos_in_out", cos.sum().reshape(1), i)
         if "angular" in self.scores:
-            self.last[i] = x[:, -1].float()
+            self.last[i] = x[:, -1]
             if i == self.n - 1:
-                self.last[self.n] = y[:, -1].float()
+                self.last[self.n] = y[:, -1]
 
     def end_batch(self) -> None:
         """Fold this batch's second moment into float64; pairwise angular distances."""

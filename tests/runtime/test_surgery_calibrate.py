@@ -79,3 +79,57 @@ def test_summary_is_readable(tmp_path):
     assert len(summary["norm_ratio"]) == 4
     assert len(summary["angular"]["distance_by_start"]) == 3
     assert summary["hidden_pca_energy"]["64"] == pytest.approx(1.0)
+
+
+# -- precision: scores summed in float32/float64 whatever the model's dtype ------------------------
+
+# Layer norm ratios closer than bf16's resolution near 1 (2^-7 apart; 2^-8 rounding): summed in
+# bf16 they become [1.0234, 1.0234, 1.0313, 1.0313, 1.0391]. Permuted so that a bf16 tie between
+# layers 0 and 4 would fall to layer 0, while the true second-highest is layer 4.
+RATIOS = (1.0285, 1.0199, 1.0386, 1.0240, 1.0334)
+
+
+@torch.no_grad()
+def _tune_ratios(model, ids: torch.Tensor, targets) -> None:
+    """Scale each layer's residual branches (o_proj, down_proj) until its fp32 norm ratio hits its
+    target: layer i's ratio depends on the scales of layers 0..i only, so one bisection each."""
+    decoder = model.model
+    originals = [(layer.self_attn.o_proj.weight.clone(), layer.mlp.down_proj.weight.clone()) for layer in decoder.layers]
+    for i, (layer, target) in enumerate(zip(decoder.layers, targets)):
+        def ratio(scale):
+            layer.self_attn.o_proj.weight.copy_(originals[i][0] * scale)
+            layer.mlp.down_proj.weight.copy_(originals[i][1] * scale)
+            return float(collect(decoder, ids, batch_size=len(ids), scores=["norm_ratio"], progress=False)["norm_ratio"][i])
+        hi = 1.0
+        while ratio(hi) < target:
+            hi *= 2
+        lo = 0.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ratio(mid) < target else (lo, mid)
+        ratio(hi)
+
+
+def test_bf16_model_scores_sum_in_float(tmp_path):
+    """A bf16 model's norm ratios equal its fp32 upcast's to well below bf16 resolution, so both
+    keep the same layers (summed in bf16, layers 0 and 4 would tie and layer 0 would win)."""
+    import transformers as tf
+
+    from cascadec.runtime.surgery.keep import choose_layers
+
+    path = su.model(tmp_path, "mistral", layers=len(RATIOS))
+    ids = su.ids(n=4, length=32)
+    model = adapters.load_model(path, dtype=torch.float32)
+    _tune_ratios(model, ids, RATIOS)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # bf16 weights, as released
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=dtype).eval()
+        assert loaded.model.layers[0].mlp.down_proj.weight.dtype == dtype
+        runs[dtype] = collect(loaded.model, ids, batch_size=2, scores=["norm_ratio"], progress=False)
+    fp32, bf16 = runs[torch.float32]["norm_ratio"], runs[torch.bfloat16]["norm_ratio"]
+    assert fp32.dtype == bf16.dtype == torch.float64
+    assert torch.allclose(fp32, torch.tensor(RATIOS, dtype=torch.float64), atol=2e-4)  # bf16 weights moved them a little
+    assert (bf16 - fp32).abs().max() < 5e-4  # a tenth of the gaps between layers
+    assert choose_layers("norm_ratio", runs[torch.float32], 5, 2)[0] == [2, 4]
+    assert choose_layers("norm_ratio", runs[torch.bfloat16], 5, 2)[0] == [2, 4]
