@@ -264,6 +264,8 @@ class Builder:
                                  "data": {"name": data, "offset": offset}, "top_k": top_k,
                                  "micro_batch": first.settings["batch.micro"],
                                  "precision": first.settings["resources.precision"],
+                                 # every τ its readers distill at: the cache stores the rest mass at each
+                                 "temperatures": sorted({float(w.training.settings["loss.temperature"]) for w in users}),
                                  "users": sorted(w.ref for w in users)},
                       "launch": launch, "provenance": lprov, "_n": param_count(self.shape_of(teacher)),
                       "_shape": self.shape_of(teacher), "_budget": self.budget(first.settings), "_at": first.at}, first.settings)

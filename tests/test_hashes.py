@@ -175,3 +175,24 @@ def test_diff_cannot_compare_a_missing_file(family, tmp_path):
     spec, _, _ = family
     run = cascadec("diff", str(tmp_path / "nope.json"), str(spec))
     assert run.code == 2 and "no such plan file" in run.err
+
+
+def test_teacher_logits_temperatures_are_in_the_plan(tmp_path):
+    """The cache stores the rest mass at its readers' temperatures, so they are in its config
+    (hashed): distilling at τ = 2 reruns the cache, not only the stages that read it."""
+    text = (REPO / "specs" / "cookbook" / "qwen3.yaml").read_text()
+    old_line, new_line = "loss: {top_k: 64}  ", "loss: {top_k: 64, temperature: 2.0}  "
+    assert text.count(old_line) == 1
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "qwen3.yaml").write_text(text)
+    (tmp_path / "b" / "qwen3.yaml").write_text(text.replace(old_line, new_line))
+    old, new = _plan(tmp_path / "a" / "qwen3.yaml"), _plan(tmp_path / "b" / "qwen3.yaml")
+    cache = "teacher-logits/qwen3-32b/chat"
+    configs = {p: next(s["config"] for s in plan["stages"] if s["id"] == cache) for p, plan in (("old", old), ("new", new))}
+    assert configs["old"]["temperatures"] == [1.0] and configs["new"]["temperatures"] == [2.0]
+    assert {k for k in configs["old"] if configs["old"][k] != configs["new"][k]} == {"temperatures"}
+    g = _needs_graph(old)
+    readers = {"sft/qwen3-4b/instruct/sft", "sft/qwen3-1.7b/instruct/sft"}
+    assert set(g.successors(cache)) == readers
+    assert _changed(old, new) == {cache}.union(*(nx.descendants(g, r) for r in {cache, *readers}))

@@ -1,8 +1,8 @@
 """The `teacher-logits` stage: run the teacher once over a data window, keep its top-k logits.
 
 Owns the writing side of `topk_cache.py`'s format: top-k logits, and the log-sum-exp outside the
-top-k at every temperature the cache's readers distill at (``config.temperatures`` when the plan
-gives them, else the loss temperatures of the plan's stages that read this cache, else 1.0).
+top-k at every temperature the cache's readers distill at (``config.temperatures``: the compiler
+writes them into the plan, so they are part of the stage's hash).
 Shards are written to scratch first (one per block of sequences, atomically) so a killed run
 keeps finished blocks, and moved into the output when all processes are done. Process r of P
 takes blocks r, r+P, r+2P, ...
@@ -37,7 +37,10 @@ def run(ctx: StageContext) -> dict:
     if tokens % seq_len:
         raise ValueError(f"tokens {tokens} is not a whole number of {seq_len}-token sequences")
     sequences = tokens // seq_len
-    temperatures = reader_temperatures(ctx)
+    if not config.get("temperatures"):
+        raise ValueError("the plan's teacher-logits config lists no `temperatures` (a plan from an older "
+                         "cascadec); re-plan with `cascadec plan SPEC -o PLAN`")
+    temperatures = sorted({float(t) for t in config["temperatures"]})
     window = Window(seq_len=seq_len, global_batch=1, steps=sequences, offset=int(config["data"].get("offset") or 0))
     teacher_dir = ctx.inputs["teacher"]
     bf16 = mixed_precision(config.get("precision", "fp32")) == "bf16"
@@ -79,17 +82,6 @@ def run(ctx: StageContext) -> dict:
     state.wait_for_everyone()
     return {"tokens": tokens, "tokens_seen": tokens, "sequences": sequences, "top_k": k,
             "wall_s": round(time.perf_counter() - started, 3)}
-
-
-def reader_temperatures(ctx: StageContext) -> list[float]:
-    """The temperatures the cache must serve (see the module docstring), sorted."""
-    config = ctx.config
-    if config.get("temperatures"):
-        return sorted({float(t) for t in config["temperatures"]})
-    readers = [s for s in (ctx.plan or {}).get("stages", [])
-               if any(i.get("role") == "teacher_logits" and i.get("stage") == ctx.stage.get("id")
-                      for i in s.get("inputs", []))]
-    return sorted({float((s["config"].get("loss") or {}).get("temperature") or 1.0) for s in readers}) or [1.0]
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ class TopKCache:
             raise ValueError(
                 f"teacher logits cached at {self.path} hold the rest mass at temperature(s) "
                 f"{', '.join(map(str, self.temperatures))}; this stage distills at {temperature}; {self.rebuild} "
-                "(it computes the temperatures of the stages that read it)")
+                "(the plan lists in its config the temperatures of the stages that read it)")
 
     def check_tokens(self, stream) -> None:
         """Fail unless the cache was built on exactly the token ids ``stream`` holds in its window."""

@@ -42,4 +42,5 @@ def teacher_logits_stage(distill_stage: dict, top_k: int, **config) -> dict:
     cfg = distill_stage["config"]
     return {"id": "teacher-logits/tiny", "kind": "teacher-logits", "config": {
         "seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "data": cfg["data"], "top_k": top_k,
-        "micro_batch": cfg["micro_batch"], "precision": "fp32", **config}}
+        "micro_batch": cfg["micro_batch"], "precision": "fp32",
+        "temperatures": [cfg["loss"]["temperature"]], **config}}
