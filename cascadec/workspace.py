@@ -20,6 +20,10 @@ run --only` in Slurm jobs on several nodes of a shared filesystem). Whoever hold
 lock owns its temporary and scratch directories; nobody else deletes them, and `status` reports
 the stage as running there rather than interrupted. A stage reads its ancestors only from their
 manifests, which exist only once an ancestor is complete. See docs/runtime.md, Concurrency.
+
+A stage that reads a hub model records the commit its revision resolved to (`hub_revisions`);
+it is out of date when the revision now names another commit (`hub.py` says how `run` and
+`status` resolve a branch), and `status` names the model and both commits.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from .hub import Revisions
 
 MANIFEST = "manifest.json"
 LOCKS = "locks"
@@ -472,7 +478,7 @@ def _names(items: list[str], most: int = 3) -> str:
 
 def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = frozenset(), forced: bool = False,
              plan: dict | None = None, base_dir: Path | None = None, digests: Digests | None = None,
-             locked: bool = False) -> Verdict:
+             locked: bool = False, revisions: Revisions | None = None) -> Verdict:
     """Decide whether one stage runs, given ``pending``: the earlier stages that will run first.
 
     In order: another process running it now (BUSY; not asked when ``locked``, i.e. the caller
@@ -480,6 +486,8 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
     directory of this stage hash is left); --force; a different stage hash (config changed when
     the stage's own kind/config/launch differ from the manifest's, else input changed); an
     upstream stage that reruns or whose outputs differ from those this stage was built from;
+    a hub model whose revision now names another commit than the manifest's `hub_revisions`
+    (checked when ``revisions`` is given);
     a data file whose sha256 differs from the manifest's `data_files` (checked when ``plan`` and
     ``base_dir`` are given, where the data globs are relative to); an output file whose sha256 changed or that was added or removed; else up to date.
     """
@@ -512,6 +520,10 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
             old, new = ({i.get("role"): i for i in m} for m in (manifest["inputs"] or [], stage.get("inputs", [])))
             moved = [f"input {r!r}" for r in sorted(set(old) | set(new), key=str) if old.get(r) != new.get(r)]
         return Verdict(RUN, INPUT_CHANGED, f"{_names(moved)} changed" if moved else "")
+    if revisions is not None and manifest.get("hub_revisions") is not None:
+        changes = revisions.changes(stage, manifest["hub_revisions"])
+        if changes:
+            return Verdict(RUN, INPUT_CHANGED, _names(changes))
     if plan is not None and base_dir is not None and data_names(stage) and manifest.get("data_files") is not None:
         digests = digests or Digests(workdir)
         try:
@@ -536,24 +548,29 @@ def evaluate(stage: dict, workdir: Path, *, pending: set[str] | frozenset = froz
 
 
 def plan_verdicts(plan: dict, workdir: Path, *, force: set[str] | frozenset = frozenset(),
-                  base_dir: Path | None = None) -> dict[str, Verdict]:
+                  base_dir: Path | None = None, revisions: Revisions | None = None) -> dict[str, Verdict]:
     """Every stage's verdict, predicting that a stage downstream of one that runs runs too.
-    ``base_dir``: what the plan's data globs are relative to; None skips the data-file check."""
+    ``base_dir``: what the plan's data globs are relative to; None skips the data-file check.
+    ``revisions``: how hub revisions resolve; None skips the hub check."""
     verdicts: dict[str, Verdict] = {}
     digests = Digests(workdir) if base_dir is not None else None
     for st in validate_plan(plan):
         pending = {sid for sid, v in verdicts.items() if v.state != SKIP}
         verdicts[st["id"]] = evaluate(st, workdir, pending=pending, forced=st["id"] in force,
-                                      plan=plan, base_dir=base_dir, digests=digests)
+                                      plan=plan, base_dir=base_dir, digests=digests, revisions=revisions)
     return verdicts
 
 
-def status_table(plan: dict, workdir: Path, base_dir: Path | None = None) -> list[dict]:
+def status_table(plan: dict, workdir: Path, base_dir: Path | None = None,
+                 revisions: Revisions | None = None) -> list[dict]:
     """One row per stage for `cascadec status`: {stage, kind, state, why, detail}.
 
-    Raises WorkspaceError for a plan the executor could not run; a corrupt manifest is a row.
+    Hub revisions resolve from the local cache only (``revisions``, by default a local-only
+    `hub.Revisions`): `status` never goes online. Raises WorkspaceError for a plan the executor
+    could not run; a corrupt manifest is a row.
     """
-    verdicts = plan_verdicts(plan, workdir, base_dir=base_dir)
+    revisions = revisions or Revisions(plan, local_only=True)
+    verdicts = plan_verdicts(plan, workdir, base_dir=base_dir, revisions=revisions)
     rows = []
     for st in plan["stages"]:
         v = verdicts[st["id"]]
@@ -562,14 +579,17 @@ def status_table(plan: dict, workdir: Path, base_dir: Path | None = None) -> lis
 
 
 def status_lines(plan: dict, workdir: Path, base_dir: Path | None = None) -> list[str]:
-    """What `cascadec status` prints: one `format_row` line per stage, then a count.
+    """What `cascadec status` prints: the commit each hub model resolves to (one `hub` line per
+    model, from the local cache), one `format_row` line per stage, then a count.
 
     Raises WorkspaceError for a plan the executor could not run (print it as `error: ...`).
     """
-    rows = status_table(plan, workdir, base_dir)
+    revisions = Revisions(plan, local_only=True)
+    rows = status_table(plan, workdir, base_dir, revisions)
     width = max((len(r["stage"]) for r in rows), default=0)
     todo, busy = (sum(r["state"] == state for r in rows) for state in (RUN, BUSY))
-    return [format_row(r, width) for r in rows] + [summary(todo, len(rows) - todo - busy, done=False, busy=busy)]
+    return revisions.lines() + [format_row(r, width) for r in rows] + [
+        summary(todo, len(rows) - todo - busy, done=False, busy=busy)]
 
 
 def summary(ran: int, skipped: int, *, done: bool, busy: int = 0, waiting: int = 0) -> str:

@@ -36,8 +36,9 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-from cascadec import __version__
+from cascadec import __version__, hub
 from cascadec.diagnostics import did_you_mean
+from cascadec.hub import Revisions
 from cascadec.workspace import (
     BUSY,
     MANIFEST,
@@ -112,8 +113,8 @@ def run_plan(
             raise WorkspaceError(refusal)
         width = max((len(s["id"]) for s in stages), default=0)
         ran, pending, busy, waiting = 0, set(), {}, []
-        digests = Digests(workdir)
-        check = dict(plan=plan, base_dir=base_dir, digests=digests)
+        digests, revisions = Digests(workdir), Revisions(plan, local_only=False)
+        check = dict(plan=plan, base_dir=base_dir, digests=digests, revisions=revisions)
         current: list[Path] = []  # the scratch of the stage running now, for the SIGUSR1 handler
         if not dry_run:
             preempt.install(then=lambda: [(p / preempt.STOP_FILE).touch() for p in current if p.is_dir()])
@@ -132,7 +133,7 @@ def run_plan(
                     out(format_row({"stage": sid, "state": v.state, "why": v.why, "detail": v.detail}, width))
                     if v.state == RUN:
                         current[:] = [scratch_dir(workdir, sid)]
-                        run_stage(plan, st, workdir, base_dir, out, digests)
+                        run_stage(plan, st, workdir, base_dir, out, digests, revisions)
                         current.clear()
             else:
                 out(format_row({"stage": sid, "state": v.state, "why": v.why, "detail": v.detail}, width))
@@ -200,14 +201,19 @@ def select(plan: dict, only, force) -> list[dict]:
     return chosen
 
 
-def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print, digests: Digests | None = None) -> None:
+def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print, digests: Digests | None = None,
+              revisions: Revisions | None = None) -> None:
     """Run one stage into a temporary directory and store its outputs and manifest.
 
     Raises WorkspaceError naming the stage when it fails; the previous outputs are untouched,
     the temporary directory is removed and scratch/<id>/ is kept so that a rerun resumes.
     """
     sid = stage["id"]
-    inputs, data = resolve_inputs(plan, stage, workdir, base_dir)
+    revisions = revisions or Revisions(plan, local_only=False)
+    inputs, data = resolve_inputs(plan, stage, workdir, base_dir, revisions)
+    commits = revisions.record(stage)  # the commits resolve_inputs downloaded (resolved once per run)
+    for name, rev in commits.items():
+        out(f"      model {name!r}: {rev['hub']}@{rev['revision']} = {rev['commit']}")
     # The data files' digests are taken before the stage reads them: a file edited while the
     # stage runs leaves it out of date, never recorded as read.
     digests = digests or Digests(workdir)
@@ -244,7 +250,7 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print,
             raise WorkspaceError(f"stage {sid} failed: {why} (traceback in scratch/{sid}/traceback.txt)") from e
         try:
             _store(workdir, sid, tmp, _manifest(stage, workdir, tmp, metrics, time.monotonic() - started, files,
-                                                started_at))
+                                                started_at, commits))
         except OSError as e:
             raise WorkspaceError(
                 f"could not store the outputs of stage {sid}: {e}; its previous outputs are unchanged"
@@ -258,11 +264,14 @@ def run_stage(plan: dict, stage: dict, workdir: Path, base_dir: Path, out=print,
     out(f"      done in {time.monotonic() - started:.1f}s")
 
 
-def resolve_inputs(plan: dict, stage: dict, workdir: Path, base_dir: Path) -> tuple[dict, dict]:
-    """({role: path or hub id}, {data name: source with `paths` expanded}) for a stage.
+def resolve_inputs(plan: dict, stage: dict, workdir: Path, base_dir: Path,
+                   revisions: Revisions | None = None) -> tuple[dict, dict]:
+    """({role: local path}, {data name: source with `paths` expanded}) for a stage.
 
     Stage inputs are workspace paths; a model's local `source.path` and data globs are
-    relative to ``base_dir`` (the spec's directory); globs are expanded and sorted.
+    relative to ``base_dir`` (the spec's directory); globs are expanded and sorted. A hub model
+    becomes its snapshot folder at the commit ``revisions`` resolves (downloaded when not
+    cached): the one place the runtime turns a hub id into files, so no stage ever sees an id.
     """
     sid, inputs, data = stage["id"], {}, {}
     for inp in stage.get("inputs", []):
@@ -275,7 +284,11 @@ def resolve_inputs(plan: dict, stage: dict, workdir: Path, base_dir: Path) -> tu
         elif "model" in inp:
             source = plan.get("models", {}).get(inp["model"], {}).get("source")
             if isinstance(source, dict) and "hub" in source:
-                inputs[role] = source["hub"]
+                m = hub.hub_model(plan, inp["model"])
+                try:
+                    inputs[role] = hub.snapshot(m, (revisions or Revisions(plan, local_only=False)).commit(m))
+                except hub.HubError as e:
+                    raise WorkspaceError(f"stage {sid}: {e}") from None
             elif isinstance(source, dict) and "path" in source:
                 inputs[role] = base_dir / source["path"]
                 if not inputs[role].exists():
@@ -415,10 +428,11 @@ def _now() -> str:
 
 
 def _manifest(stage: dict, workdir: Path, tmp: Path, metrics: dict, seconds: float, data_files: dict,
-              started_at: str) -> dict:
+              started_at: str, hub_revisions: dict) -> dict:
     hashes, stats = hash_outputs(tmp, stage)
     return {
         "data_files": data_files,
+        "hub_revisions": hub_revisions,
         "stage": stage["id"],
         "hash": stage["hash"],
         "kind": stage["kind"],

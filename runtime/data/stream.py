@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 from cascadec import mix
+from cascadec.hub import TOKENIZER_FILES
 
 from .readers import source_files
 from .shards import FORMAT, Shards, finish, tokenize
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,12 +87,21 @@ def _stride(n: int) -> int:
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """sha256 over the tokenizer files of a model directory (names and bytes)."""
-    h = hashlib.sha256()
+    """sha256 over the tokenizer files of a model directory (names and bytes).
+
+    It keys the token cache and compares teacher and student tokenizers, so it must come from
+    real files: a directory without any (or a hub id, which the executor resolves to its
+    snapshot folder before a stage sees it) is an error, never the hash of nothing that every
+    such tokenizer would share."""
+    h, found = hashlib.sha256(), []
     for name in TOKENIZER_FILES:
         path = Path(tokenizer_dir) / name
-        if path.exists():
+        if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+            found.append(name)
+    if not found:
+        raise ValueError(f"{tokenizer_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                         "a model directory must carry its tokenizer")
     return h.hexdigest()
 
 

@@ -1,4 +1,7 @@
-"""`cascadec prune SRC_DIR OUT_DIR ...`: calibrate a checkpoint and write its pruned copy.
+"""`cascadec prune SRC OUT_DIR ...`: calibrate a checkpoint and write its pruned copy.
+
+SRC is a model directory or a hub id `ORG/NAME[@REVISION]` (resolved to its snapshot folder by
+`cascadec.hub`, the resolver `cascadec run` uses).
 
 Owns the command's arguments and its error messages; the work is calibrate.py's and prune.py's.
 It must never print a traceback or leave a partial OUT_DIR on bad input.
@@ -13,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cascadec import hub
 from cascadec.shapes import from_hf_config
 
 from . import keep
@@ -25,7 +29,7 @@ AXES = ("layers", "hidden", "ffn", "heads", "kv_heads")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cascadec prune", description="Prune a Hugging Face checkpoint "
                                 "to a smaller shape, choosing what to keep from calibration scores.")
-    p.add_argument("src", type=Path, metavar="SRC_DIR", help="Hugging Face model directory")
+    p.add_argument("src", metavar="SRC", help="Hugging Face model directory, or hub id ORG/NAME[@REVISION]")
     p.add_argument("out", type=Path, metavar="OUT_DIR", nargs="?",
                    help="where to write the pruned model (must not exist; not with --compare)")
     for axis in AXES:
@@ -105,8 +109,19 @@ def request_from_plan(args, source):
     return target, methods, calib
 
 
+def model_dir(src: str) -> tuple[Path, bool]:
+    """(local directory, whether it came from the hub): ``src`` itself, or the snapshot folder of
+    a hub id (downloaded unless cached; HF_HUB_OFFLINE=1 reads the cache only)."""
+    if Path(src).exists() or not hub.HUB_ID.fullmatch(src):
+        return Path(src), False
+    repo, _, revision = src.partition("@")
+    m = hub.HubModel(repo, repo, revision or hub.DEFAULT_REVISION)
+    return hub.snapshot(m, hub.resolve(m, local_only=False)), True
+
+
 def run(args) -> None:
     """Check everything that can be checked before calibrating, then calibrate and prune."""
+    args.src, from_hub = model_dir(args.src)
     config = read_config(args.src)
     try:
         for_config(config)
@@ -143,7 +158,8 @@ def run(args) -> None:
         print(f"wrote {args.out}: {report['source_params']:,} -> {report['params']:,} parameters")
         return
     rows = []
-    with tempfile.TemporaryDirectory(prefix=".cascadec-compare-", dir=args.src.parent) as tmp:
+    # beside the source (same disk), unless that is the hub cache
+    with tempfile.TemporaryDirectory(prefix=".cascadec-compare-", dir=None if from_hub else args.src.parent) as tmp:
         for i, m in enumerate(candidates):
             report = prune(args.src, Path(tmp) / str(i), stats=stats, target=target, methods=m, log=log,
                            warn_kl=float("inf"))
@@ -211,6 +227,8 @@ def main(argv: list[str]) -> int:
         return fail(str(e), e.help)
     except (FileNotFoundError, FileExistsError) as e:
         return fail(str(e), HELP[type(e)])
+    except hub.HubError as e:
+        return fail(str(e), "SRC is a model directory or a hub id ORG/NAME[@REVISION]")
     return 0
 
 

@@ -149,10 +149,8 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     placement = {}
     if teacher is not None:
         _check_vocab(teacher, model)
-        if teacher_dir is not None and Path(teacher_dir).is_dir():
+        if teacher_dir is not None:  # always a directory: the executor resolves hub ids to snapshots
             _check_tokenizers(f"teacher {teacher_dir}", tokenizer_fingerprint(teacher_dir), tokenizer_dir)
-        else:  # a hub id: its files are resolved by the hub download (not in this runtime yet)
-            ctx.log(f"distill: teacher {teacher_dir} is not a local directory; tokenizers not compared")
         teacher = TeacherForward(teacher.eval().requires_grad_(False))
         shard_teacher, why = fsdp.teacher_sharded(ctx.stage)
         if shard_teacher:

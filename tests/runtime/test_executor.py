@@ -393,9 +393,9 @@ def test_inputs_are_resolved_against_the_workspace_and_base_dir(monkeypatch, tmp
         (base / rel).parent.mkdir(parents=True, exist_ok=True)
         (base / rel).write_text("x")
     plan = plan_of(stage("s", inputs=[
-        {"role": "student", "model": "parent"}, {"role": "teacher", "model": "big"}, {"role": "data", "data": "corpus"},
-    ]))
-    plan["models"] = {"parent": {"source": {"path": "models/parent"}}, "big": {"source": {"hub": "org/big"}}}
+        {"role": "student", "model": "parent"}, {"role": "data", "data": "corpus"},
+    ]))  # a hub model becomes its snapshot folder: tests/runtime/test_hub.py
+    plan["models"] = {"parent": {"source": {"path": "models/parent"}}}
     plan["data"] = {"corpus": {"kind": "text", "paths": ["data/*.txt"], "stream": True}}
     seen = {}
 
@@ -405,7 +405,7 @@ def test_inputs_are_resolved_against_the_workspace_and_base_dir(monkeypatch, tmp
 
     monkeypatch.setitem(registry.STAGES, "write", record)
     assert executor.run_plan(plan, tmp_path / "work", base, out=lambda line: None) == 0
-    assert seen["inputs"] == {"student": base.resolve() / "models/parent", "teacher": "org/big"}
+    assert seen["inputs"] == {"student": base.resolve() / "models/parent"}
     assert seen["data"] == {"corpus": {
         "kind": "text", "stream": True, "paths": [base.resolve() / "data/a.txt", base.resolve() / "data/b.txt"],
         "name": "corpus",  # so a reader's error can say `set data.corpus.field`
