@@ -135,9 +135,8 @@ def snapshot(m: HubModel, commit: str) -> Path:
     call either way, so an offline run takes exactly the path of an online one."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
-                                            LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import (GatedRepoError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError:
         raise HubError(f"{m.label}: huggingface_hub is not installed (pip install 'cascadec[runtime]')") from None
     at = f"{m.repo} at {commit[:12]} (revision {m.revision})"
@@ -155,8 +154,9 @@ def snapshot(m: HubModel, commit: str) -> Path:
                        f"set `revision` in the spec to a branch, tag or commit of {m.repo}") from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise HubError(_access(m, e)) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise HubError(f"{m.label}: downloading {at} failed: {_first_line(e)}; rerun to resume the download") from None
+    except Exception as e:  # noqa: BLE001 -- network, disk, Xet: whatever stops a download is one line
+        raise HubError(f"{m.label}: downloading {at} failed ({type(e).__name__}: {_first_line(e)}); "
+                       "rerun to resume the download") from None
     return checked(m, folder)
 
 
