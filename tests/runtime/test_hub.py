@@ -105,7 +105,7 @@ def test_a_hub_model_runs_offline_from_the_cache_and_a_moved_ref_reruns(tmp_path
     assert run.returncode == 0, run.stdout + run.stderr
     work = tmp_path / "ws"
     recorded = {"parent": {"hub": "org/tiny", "revision": "main", "commit": one}}
-    for sid in ("calibrate/kid", "prune/kid", "distill/kid/short"):
+    for sid in ("calibrate/kid", "prune/kid", "tokenize/corpus/parent", "distill/kid/short"):
         assert ws.read_manifest(work, sid)["hub_revisions"] == recorded, sid
     assert ws.read_manifest(work, "export/kid")["hub_revisions"] == {}  # it reads stage outputs only
     pruned = tf.AutoModelForCausalLM.from_pretrained(work / "stages/prune/kid/model")
@@ -119,18 +119,20 @@ def test_a_hub_model_runs_offline_from_the_cache_and_a_moved_ref_reruns(tmp_path
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
     assert lines[0] == f"hub   model 'parent' (org/tiny@main) = {one} (local cache)"
-    assert lines[-1] == "0 to run, 4 up to date."
+    assert lines[-1] == "0 to run, 5 up to date."
 
     # the branch moves on: refs/main names another commit, with other weights
     publish(cache, "org/tiny", su.model(tmp_path / "v2", "mistral", bf16=True, norms=False), two)
     status = _cli("status", "spec.yaml", "--workdir", "ws", cwd=tmp_path, cache=cache)
+    moved = f"(input changed: model 'parent' (org/tiny@main) moved from {one[:12]} to {two[:12]})"
     assert status.stdout.splitlines() == [
         f"hub   model 'parent' (org/tiny@main) = {two} (local cache)",
-        f"run   calibrate/kid      (input changed: model 'parent' (org/tiny@main) moved from {one[:12]} to {two[:12]})",
-        "run   prune/kid          (input changed: calibrate/kid reruns)",
-        "run   distill/kid/short  (input changed: prune/kid reruns)",
-        "run   export/kid         (input changed: distill/kid/short reruns)",
-        "4 to run, 0 up to date.",
+        f"run   calibrate/kid           {moved}",
+        "run   prune/kid               (input changed: calibrate/kid reruns)",
+        f"run   tokenize/corpus/parent  {moved}",  # the parent's tokenizer files are the snapshot's
+        "run   distill/kid/short       (input changed: prune/kid, tokenize/corpus/parent reruns)",
+        "run   export/kid              (input changed: distill/kid/short reruns)",
+        "5 to run, 0 up to date.",
     ]
     dry = _cli("run", "spec.yaml", "--workdir", "ws", "--dry-run", cwd=tmp_path, cache=cache)
     assert dry.returncode == 2 and dry.stdout.splitlines()[0] == status.stdout.splitlines()[1]
