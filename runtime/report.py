@@ -89,7 +89,17 @@ def collect(plan: dict, workdir: Path) -> dict:
                                       for k, w in sorted(sources.items())}})
     return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
             "losses": losses, "benchmarks": benchmarks, "stages": spent, "pruning": pruning,
-            "curves": {k: v for k, v in curves.items() if v}, "mixes": mixes, "totals": plan["totals"]}
+            "curves": {k: v for k, v in curves.items() if v}, "mixes": mixes, "totals": plan["totals"],
+            "task_order": _task_order(plan)}
+
+
+def _task_order(plan: dict) -> list[str]:
+    """Harness task names in the order the spec lists them (`eval.harness.tasks`)."""
+    from .evaluation.harness import task_name
+
+    names = [task_name(t) for s in plan["stages"] if s["kind"] == "eval"
+             for t in ((s.get("config") or {}).get("harness") or {}).get("tasks", [])]
+    return list(dict.fromkeys(names))
 
 
 HEADLINE = ("acc_norm", "acc", "exact_match", "bits_per_byte")  # the metric a task is reported by
@@ -161,12 +171,13 @@ def plots(data: dict, out: Path) -> list[str]:
 
 
 def _tasks(data: dict) -> list[tuple[str, str]]:
-    """(task, headline metric) of every task any checkpoint was scored on, in first-seen order."""
+    """(task, headline metric) of every task any checkpoint was scored on, in the spec's order."""
     seen = {}
     for row in data.get("benchmarks", {}).values():
         for task, h in row.items():
             seen.setdefault(task, h["metric"])
-    return list(seen.items())
+    order = data.get("task_order") or []
+    return sorted(seen.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
 
 
 def _f(x, fmt="{:.4f}") -> str:

@@ -52,7 +52,7 @@ def test_every_stage_ran_and_the_report_is_where_the_run_says(family):
     for png in ("loss_curves.png", "family.png", "benchmarks.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| checkpoint | held-out loss | cascadec_perplexity_stdlib_heldout (bits_per_byte) | " \
-           "cascadec_next_line_stdlib_heldout (acc) |" in md
+           "cascadec_next_line_stdlib_heldout (acc_norm) |" in md
     assert "\r" not in out  # no progress-bar refreshes in a log (stdout is a pipe here)
 
 
@@ -96,7 +96,7 @@ def test_report_structure(family):
             assert isinstance(c[key], (int, float)), (c["child"], key)
         assert c["root"] == "parent" and c["tokens"] > 0
     # every stage of the plan is accounted for, with the tokens it was planned to see
-    assert len(report["stages"]) == 24
+    assert len(report["stages"]) == 26
     # written by the report stage itself, which is not finished while it writes
     assert [s["stage"] for s in report["stages"] if not s["done"]] == ["report/tiny"]
     for s in report["stages"]:
