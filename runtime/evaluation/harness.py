@@ -120,7 +120,9 @@ def _draw(key: str, n: int) -> int:
 # Running
 
 
-def _manager(include: list[Path]):
+def task_index(include: list[Path]):
+    """The harness's task index over its own tasks and ``include``. Building it scans thousands of
+    task YAMLs: a stage builds it once, after writing its generated tasks, for all its checkpoints."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[str(p) for p in include] or None)
@@ -194,15 +196,16 @@ def check_available(manager, name: str) -> None:
 
 
 def run(model_dir: Path, tasks: list[dict], *, include: list[Path], dtype: str, device: str,
-        batch_size: int, log=print) -> dict[str, dict[str, float]]:
-    """Every task on the checkpoint ``model_dir``: ``{task: {metric: value}}`` in the plan's order."""
+        batch_size: int, log=print, index=None) -> dict[str, dict[str, float]]:
+    """Every task on the checkpoint ``model_dir``: ``{task: {metric: value}}`` in the plan's order.
+    ``index``: a `task_index(include)` to reuse across checkpoints (built here when None)."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise HarnessError("the plan asks for harness tasks, but lm-evaluation-harness is not installed: "
                            "pip install 'cascadec[harness]'") from None
-    manager = _manager(include)
+    manager = index if index is not None else task_index(include)
     names = [task_name(t) for t in tasks]
     for name in names:
         check_available(manager, name)

@@ -67,6 +67,7 @@ def run(ctx: StageContext) -> dict:
     reduce = (lambda t: _sum(t, state)) if state.num_processes > 1 else None
     harness_cfg = cfg.get("harness")
     include = _harness_tasks(ctx, harness_cfg, state) if harness_cfg else []
+    index = harness.task_index(include) if harness_cfg else None  # once for every checkpoint
     results = {}
     for name in cfg["checkpoints"]:
         path = ctx.inputs[ROLE + name]
@@ -87,7 +88,8 @@ def run(ctx: StageContext) -> dict:
         if harness_cfg:
             results[name]["harness"] = harness.run(
                 path, harness_cfg["tasks"], include=include, dtype=HARNESS_DTYPES[precision],
-                device=str(state.device), batch_size=int(harness_cfg.get("batch_size") or 8), log=ctx.log)
+                device=str(state.device), batch_size=int(harness_cfg.get("batch_size") or 8), log=ctx.log,
+                index=index)
         ctx.log(f"eval {name}: loss {loss:.4f} (ppl {math.exp(loss):.2f}) on {count:,} tokens, {precision} "
                 f"on {state.num_processes} x {state.device.type}, {time.time() - started:.1f}s")
     if state.is_main_process:
