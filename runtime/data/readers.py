@@ -222,9 +222,9 @@ def _records(path: Path, source: dict, columns: list[str] | None) -> Iterator[tu
     if name.endswith((".parquet", ".arrow")):
         yield from _table_records(path, source, columns)
         return
-    count = 0
+    count, label = 0, shown(path)  # resolved once: `shown` stats the path, and a file has millions of records
     for number, raw in formats.lines(path):
-        where = f"{shown(path)}:{number}"
+        where = f"{label}:{number}"
         if not raw.strip():
             continue  # blank lines are not records
         count += 1
@@ -247,10 +247,10 @@ def _table_records(path: Path, source: dict, columns: list[str] | None):
     if columns and (missing := [c for c in columns if c not in names]):
         key = "field"
         raise DataError(f"{shown(path)}: no column {missing[0]!r} (columns: {', '.join(names)}); {hint(source, key)}")
-    count = 0
+    count, label = 0, shown(path)
     for index, row in rows:
         count += 1
-        yield f"{shown(path)}: row {index}", row
+        yield f"{label}: row {index}", row
     if count == 0:
         raise DataError(f"{shown(path)}: no rows; remove it from data.{source.get('name', '<name>')}.paths")
 

@@ -24,7 +24,8 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,18 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
+def _prefetched(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    """Batches of ``size`` documents, the next one read and parsed on a thread while the caller
+    encodes the current one: the Rust encoder releases the GIL, so parsing JSON (Python) and
+    encoding overlap instead of leaving the encoder's cores idle between batches. One batch ahead,
+    so memory stays two batches; a reader's error surfaces at the batch it belongs to."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as pool:
+        pending = pool.submit(lambda: list(itertools.islice(texts, size)))
+        while batch := pending.result():
+            pending = pool.submit(lambda: list(itertools.islice(texts, size)))
+            yield batch
+
+
 def tokenize_file(path: Path, stable: str, source: dict, tokenizer, eos: int, dtype: np.dtype,
                   shard: Path, rank: int = 0) -> dict:
     """Tokenise one source file into ``shard`` (+ `.docs.bin`, + `.json` receipt); return the
@@ -84,7 +97,7 @@ def tokenize_file(path: Path, stable: str, source: dict, tokenizer, eos: int, dt
             tokens += len(doc) + 1
             np.array([tokens], dtype="<i8").tofile(ends)
             ndocs += 1
-        while batch := list(itertools.islice(texts, BATCH_DOCS)):
+        for batch in _prefetched(texts, BATCH_DOCS):
             ids = _encode(tokenizer, batch)
             lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
             flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in ids),
