@@ -10,7 +10,7 @@ import math
 
 import networkx as nx
 
-from . import mix, resolve
+from . import judging, mix, resolve
 from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
 from .shapes import config_errors, param_count, reachable
@@ -108,6 +108,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             diag("CSC222", f"judge '{j.name}' of kind {j.kind} needs a `model`", j.at, "add `model: <a model name>`")
         if j.model is not None and resolve.lookup(j.model, cps) is None:
             unknown("CSC201", "model", j.model, (*j.at, "model"))
+        _check_judge(diag, j)
 
     # -- models -----------------------------------------------------------------------------
     for m in spec.models.values():
@@ -253,6 +254,10 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             for j in judges:
                 if j not in spec.judges:
                     unknown("CSC217", "judge", j, (*t.at, "judge" if "judge" in t.options else "rewards"), sorted(spec.judges))
+                elif t.kind == "odpo" and spec.judges[j].kind not in PAIRWISE:
+                    diag("CSC304", f"odpo '{ref}' is judged by '{j}', a {spec.judges[j].kind} reward; odpo needs a "
+                         f"pairwise judge", (*t.at, "judge"),
+                         f"name a judge of kind {' or '.join(PAIRWISE)}; {spec.judges[j].kind} scores one answer (grpo)")
         if isinstance(t.tokens, Share):
             if spec.budget_tokens is None:
                 diag("CSC215", f"'{ref}' asks for a share of the family budget, but `budget.tokens` is not set",
@@ -491,6 +496,33 @@ def _check_reader(diag, d) -> None:
     if d.system is not None and d.format in (None, "text"):
         diag("CSC284", f"data '{d.name}': `system` needs `format: chat`, `preference` or `prompts`",
              (*d.at, "system"), "add the format, or remove `system`", key=True)
+
+
+PAIRWISE = ("pairwise_model", "callable")  # judges that compare two answers (odpo); the other kinds score one
+
+
+def _check_judge(diag, j) -> None:
+    """CSC300-CSC303: a judge's own options (`function`, `template`) are what the runtime can use."""
+    function, template = j.options.get("function"), j.options.get("template")
+    if j.kind == "callable" and function is None:
+        diag("CSC300", f"judge '{j.name}' of kind callable has no `function`", j.at,
+             'add `function: "my_module:my_judge"`, a function f(prompts, a, b, **columns) -> P(a beats b) per pair')
+    elif function is not None and j.kind != "callable":
+        diag("CSC301", f"judge '{j.name}': `function` is for judges of kind callable, not {j.kind}",
+             (*j.at, "function"), "set `kind: callable`, or remove `function`", key=True)
+    elif function is not None and not judging.FUNCTION.match(function):
+        diag("CSC301", f"judge '{j.name}': `function` '{function}' is not `module:function`", (*j.at, "function"),
+             'write the dotted module path, a colon, then the function name: "my_pkg.judges:prefer"')
+    if template is not None and j.kind != "pairwise_model":
+        diag("CSC302", f"judge '{j.name}': `template` is the prompt of a pairwise_model judge, not of {j.kind}",
+             (*j.at, "template"), "remove `template`", key=True)
+    elif template is not None and (error := judging.template_error(template)):
+        diag("CSC302", f"judge '{j.name}': bad `template`: {error}", (*j.at, "template"),
+             "the template shows `{{ conversation }}` and the answers `{{ a }}` and `{{ b }}`, and ends where the "
+             "judge answers A or B (docs/runtime.md, \"Preference optimisation\")")
+    if j.kind == "callable" and j.model is not None:
+        diag("CSC303", f"judge '{j.name}' of kind callable takes no `model`", (*j.at, "model"),
+             "a callable judge loads what it needs itself; remove `model`", key=True)
 
 
 # The record format each reader of a data source expects (docs/data.md).

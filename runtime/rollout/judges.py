@@ -1,0 +1,317 @@
+"""Pairwise judges: P(a ≻ b) for two answers to one prompt, and the rules every judge is wrapped in.
+
+Owns the three judge kinds and `preferences` (loopers and unterminated samples lose, thinking
+stripped). It must not generate, train or know about stages; odpo builds one with `build_judge`.
+
+Kinds (a plan's judge kind `pairwise_model` picks the first two by the checkpoint's
+`architectures`; docs/runtime.md, "Preference optimisation"):
+
+- **LM judge** (any causal checkpoint): the template (`cascadec.judging.DEFAULT_TEMPLATE` unless
+  the spec gives one) shows the conversation and answers A and B and ends where the judge writes
+  its verdict; ℓA, ℓB are the logits of the tokens " A" and " B" there. Order-debiased:
+  P = ½[σ(d(a, b)/T) + σ(−d(b, a)/T)] with d(x, y) = ℓA − ℓB when x is shown as A, so swapping
+  a and b gives exactly 1 − P and a judge that always prefers the first slot is neutralised.
+  Both orders of a batch of pairs go through one forward pass; only the two answer rows of the
+  LM head are applied, to the last position of each prompt.
+- **Reward model** (`…ForSequenceClassification`, one label): r = the model's score of the
+  conversation with the answer as the assistant turn, rendered by the judge tokenizer's chat
+  template (the default one when it has none); P = σ((r_a − r_b)/T).
+- **Callable** (`function: "module:function"`): ``f(prompts, a, b, **columns) -> list[float]``,
+  probabilities, checked; the temperature applies to their logit: P = σ(logit(f)/T).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from cascadec.judging import DEFAULT_TEMPLATE, FUNCTION, template_error
+
+from ..data import chat
+
+CHOICES = (" A", " B")
+BATCH_SIZE = 8  # pairs per forward pass (each pair is two sequences); the plan's `batch_size` overrides
+BAD_FINISH = ("length", "loop")
+THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+class JudgeError(ValueError):
+    """A judge that cannot be built or that answered garbage; the message names the judge."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One answer as the rules see it: its text and how its generation ended."""
+
+    text: str
+    finish: str = "eos"  # as Completion.finish: "eos" | "stop" | "length" | "loop"
+    looped: bool = False
+
+
+class Judge(Protocol):
+    def prefer(self, prompts: list[list[dict]], a: list[str], b: list[str],
+               columns: list[dict] | None = None) -> list[float]:
+        """P(a ≻ b) per item, calibrated by the judge's temperature; ``prompts`` are message lists."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules around any judge
+
+
+def preferences(judge: Judge, prompts, a: list[Candidate], b: list[Candidate], *,
+                strip_thinking: bool = False, columns=None) -> list[float]:
+    """P(a ≻ b) per pair, with the rules applied before the judge is asked.
+
+    A sample that looped, or never terminated (finish "length" or "loop"), loses to a clean one
+    (P = 0 or 1) and two such samples tie (P = ½): the judge is asked only about clean pairs, so
+    it is never asked to rank degenerate text. With ``strip_thinking``, `<think>…</think>` blocks
+    are removed before judging, and a sample whose thinking never closes has no answer at all:
+    it counts as unterminated.
+    """
+    if not len(prompts) == len(a) == len(b):
+        raise ValueError(f"{len(prompts)} prompts, {len(a)} answers a and {len(b)} answers b; one each per pair")
+    texts_a = [_answer(c, strip_thinking) for c in a]
+    texts_b = [_answer(c, strip_thinking) for c in b]
+    out: list[float | None] = []
+    for x, y in zip(texts_a, texts_b):
+        out.append(0.5 if x is None and y is None else 0.0 if x is None else 1.0 if y is None else None)
+    ask = [i for i, p in enumerate(out) if p is None]
+    if ask:
+        cols = [columns[i] for i in ask] if columns is not None else None
+        for i, p in zip(ask, judge.prefer([prompts[i] for i in ask], [texts_a[i] for i in ask],
+                                          [texts_b[i] for i in ask], cols)):
+            out[i] = float(p)
+    return out
+
+
+def _answer(c: Candidate, strip_thinking: bool) -> str | None:
+    """The text the judge sees, or None for a sample that loses automatically."""
+    if c.looped or c.finish in BAD_FINISH:
+        return None
+    if not strip_thinking:
+        return c.text
+    text = THINKING.sub("", c.text)
+    return None if "<think>" in text else text.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a judge from the plan
+
+
+def build_judge(name: str, config: dict, model_dir: Path | None, *, device=None) -> Judge:
+    """The judge the plan's ``config.judges[name]`` describes (``model_dir``: its `judge:<name>` input)."""
+    kind = config.get("kind")
+    temperature = float(config.get("temperature") or 1.0)
+    batch_size = int(config.get("batch_size") or BATCH_SIZE)
+    if kind == "callable":
+        return CallableJudge(name, config.get("function"), temperature=temperature)
+    if kind != "pairwise_model":
+        raise JudgeError(f"judge '{name}' is of kind {kind!r}, a reward (grpo), not a pairwise judge; "
+                         f"odpo needs a judge of kind pairwise_model or callable")
+    if model_dir is None:
+        raise JudgeError(f"judge '{name}' of kind pairwise_model has no model checkpoint")
+    import transformers as tf
+
+    from ..training.models import model_class
+
+    hf_config = tf.AutoConfig.from_pretrained(model_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = "auto" if device.type == "cuda" else torch.float32  # the checkpoint's own dtype on a GPU
+    tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
+    if any(a.endswith("ForSequenceClassification") for a in hf_config.architectures or ()):
+        model = tf.AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+        return RewardModelJudge(name, model.to(device).eval(), tokenizer, temperature=temperature,
+                                batch_size=batch_size)
+    model = model_class(hf_config).from_pretrained(model_dir, dtype=dtype)
+    return LMJudge(name, model.to(device).eval(), tokenizer, template=config.get("template"),
+                   temperature=temperature, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal-LM judge
+
+
+class LMJudge:
+    """A causal LM asked "which answer is better, A or B?"; P from its " A" / " B" logits, both orders."""
+
+    def __init__(self, name: str, model, tokenizer, *, template: str | None = None, temperature: float = 1.0,
+                 batch_size: int = BATCH_SIZE):
+        from jinja2 import StrictUndefined
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = template or DEFAULT_TEMPLATE
+        if error := template_error(template):
+            raise JudgeError(f"judge '{name}': {error}")
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.temperature, self.batch_size = temperature, batch_size
+        self.template = ImmutableSandboxedEnvironment(undefined=StrictUndefined,
+                                                      keep_trailing_newline=True).from_string(template)
+        self.choices = [_single_token(name, tokenizer, c) for c in CHOICES]
+
+    def render(self, messages: list[dict], a: str, b: str) -> str:
+        """The judge's prompt with ``a`` shown as answer A and ``b`` as answer B."""
+        return self.template.render(conversation=conversation_text(messages), messages=messages, a=a, b=b)
+
+    def prefer(self, prompts, a, b, columns=None) -> list[float]:
+        texts = [self.render(m, x, y) for m, x, y in zip(prompts, a, b)]
+        swapped = [self.render(m, y, x) for m, x, y in zip(prompts, a, b)]
+        d = _batched(self._margins, [*texts, *swapped], self.batch_size * 2, self.tokenizer)
+        n, t = len(texts), self.temperature
+        return [0.5 * (_sigmoid(d[i] / t) + _sigmoid(-d[n + i] / t)) for i in range(n)]
+
+    @torch.inference_mode()
+    def _margins(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+        """ℓA − ℓB at each row's last token: the decoder's final hidden state times the two head rows."""
+        device = self.model.get_output_embeddings().weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = hidden[torch.arange(ids.shape[0], device=device), mask.sum(-1) - 1]
+        rows = self.model.get_output_embeddings().weight[self.choices]
+        logits = (last @ rows.T).double()
+        return (logits[:, 0] - logits[:, 1]).tolist()
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """Messages as `Role: content` paragraphs (the template's ``conversation``)."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def _single_token(name: str, tokenizer, text: str) -> int:
+    """The one token ``text`` adds after a prompt that ends like the template's ("…answer:")."""
+    base = tokenizer("Better answer:", add_special_tokens=False)["input_ids"]
+    full = tokenizer("Better answer:" + text, add_special_tokens=False)["input_ids"]
+    if full[:len(base)] != base or len(full) != len(base) + 1:
+        pieces = tokenizer.convert_ids_to_tokens(full[len(base):] if full[:len(base)] == base else full)
+        raise JudgeError(f"judge '{name}': the answer {text!r} is not one token in the judge's tokenizer "
+                         f"(it is {pieces}); the LM judge reads P from one token per answer, so it needs "
+                         f"a tokenizer with {' and '.join(repr(c) for c in CHOICES)} as single tokens")
+    return full[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+
+
+class RewardModelJudge:
+    """A sequence-classification reward model: P = σ((r_a − r_b)/T)."""
+
+    def __init__(self, name: str, model, tokenizer, *, temperature: float = 1.0, batch_size: int = BATCH_SIZE):
+        if model.config.num_labels != 1:
+            raise JudgeError(f"judge '{name}': the reward model has {model.config.num_labels} labels; "
+                             f"a reward model scores with one (num_labels 1)")
+        if model.config.pad_token_id is None:  # it finds each row's last token by the pad id
+            model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+                else tokenizer.eos_token_id
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.temperature, self.batch_size = temperature, batch_size
+
+    def encode(self, messages: list[dict], answer: str) -> list[int]:
+        """The conversation with ``answer`` as the assistant turn, as the judge's chat template renders it."""
+        return chat.encode(self.tokenizer, [*messages, {"role": "assistant", "content": answer}]).ids
+
+    def prefer(self, prompts, a, b, columns=None) -> list[float]:
+        seqs = [self.encode(m, x) for m, x in zip(prompts, a)] + [self.encode(m, y) for m, y in zip(prompts, b)]
+        r = _batched(self._scores, seqs, self.batch_size * 2, self.tokenizer, pad_id=self.model.config.pad_token_id)
+        n = len(prompts)
+        return [_sigmoid((r[i] - r[n + i]) / self.temperature) for i in range(n)]
+
+    @torch.inference_mode()
+    def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+        device = next(self.model.parameters()).device
+        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].double().tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Callable
+
+
+class CallableJudge:
+    """``module:function`` with contract ``f(prompts, a, b, **columns) -> list[float]`` (probabilities)."""
+
+    def __init__(self, name: str, function: str | None, *, temperature: float = 1.0):
+        if not isinstance(function, str) or not FUNCTION.match(function):
+            raise JudgeError(f"judge '{name}' of kind callable needs `function: \"module:function\"`, "
+                             f"got {function!r}")
+        module, attr = function.split(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            raise JudgeError(f"judge '{name}': cannot import module '{module}' of function '{function}': {e}") from e
+        except AttributeError:
+            raise JudgeError(f"judge '{name}': module '{module}' has no function '{attr}'") from None
+        if not callable(fn):
+            raise JudgeError(f"judge '{name}': '{function}' is not a function but a {type(fn).__name__}")
+        self.name, self.function, self.fn, self.temperature = name, function, fn, temperature
+
+    def prefer(self, prompts, a, b, columns=None) -> list[float]:
+        kwargs = _columns(columns, len(prompts))
+        got = self.fn(prompts, a, b, **kwargs)
+        out = self._check(got, len(prompts))
+        t = self.temperature
+        return out if t == 1.0 else [_sigmoid(_logit(p) / t) for p in out]
+
+    def _check(self, got, n: int) -> list[float]:
+        where = f"judge '{self.name}': function '{self.function}'"
+        contract = "it must return one P(a ≻ b) in [0, 1] per pair"
+        if isinstance(got, (str, bytes, dict)) or not hasattr(got, "__len__"):
+            raise JudgeError(f"{where} returned a {type(got).__name__}, not a list; {contract}")
+        if len(got) != n:
+            raise JudgeError(f"{where} returned {len(got)} values for {n} pairs; {contract}")
+        out = []
+        for i, v in enumerate(got):
+            try:
+                ok = not isinstance(v, (bool, str, bytes)) and 0.0 <= float(v) <= 1.0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise JudgeError(f"{where} returned {v!r} for pair {i}; {contract}")
+            out.append(float(v))
+        return out
+
+
+def _columns(columns: list[dict] | None, n: int) -> dict[str, list]:
+    """Per-pair column dicts as one list per column name (None where a pair lacks it)."""
+    if not columns:
+        return {}
+    names = sorted({k for c in columns for k in c} - {"prompts", "a", "b"})
+    return {k: [c.get(k) for c in columns] for k in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared
+
+
+def _batched(forward, items: Sequence, batch_rows: int, tokenizer, *, pad_id: int | None = None) -> list[float]:
+    """``forward(ids, mask)`` over ``items`` (texts or id lists), ``batch_rows`` right-padded rows at a time,
+    longest first so that rows of similar lengths share a batch; results in the items' order."""
+    seqs = [tokenizer(x)["input_ids"] if isinstance(x, str) else list(x) for x in items]
+    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id or 0)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out: list[float] = [0.0] * len(seqs)
+    for start in range(0, len(order), batch_rows):
+        rows = order[start:start + batch_rows]
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, :len(seqs[i])] = 1
+        for i, v in zip(rows, forward(ids, mask)):
+            out[i] = v
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _logit(p: float) -> float:
+    return math.inf if p == 1.0 else -math.inf if p == 0.0 else math.log(p) - math.log1p(-p)
