@@ -48,6 +48,7 @@ metrics.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import time
@@ -211,7 +212,7 @@ class TorchEngine:
         logps = torch.zeros((n, new), dtype=torch.float32, device=device)
         finish: list[str | None] = [None] * n
 
-        cache = kv_cache(model.config)
+        cache = kv_cache(model.config, width + new)
         logits = self._forward(ids, mask[:, :width], position, cache)
         position = position[:, -1:]
         for step in range(new):
@@ -273,7 +274,13 @@ class TorchEngine:
 class GrowingLayer(DynamicLayer):
     """One layer's KV cache in buffers that grow by doubling: a decode step writes its token in
     place, where transformers' `DynamicLayer` concatenates (reallocates and copies the whole
-    cache) at every step — O(T²) copying over a T-token generation instead of O(T)."""
+    cache) at every step — O(T²) copying over a T-token generation instead of O(T). ``limit``:
+    the most tokens the layer will hold (prompt + max new tokens), so doubling never
+    allocates beyond it."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = limit
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -285,6 +292,7 @@ class GrowingLayer(DynamicLayer):
         end = self.size + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
             capacity = max(end, 2 * (0 if self.key_buffer is None else self.key_buffer.shape[-2]), 64)
+            capacity = max(end, min(capacity, self.limit or capacity))
             self.key_buffer = _grown(self.key_buffer, key_states, self.size, capacity)
             self.value_buffer = _grown(self.value_buffer, value_states, self.size, capacity)
         self.key_buffer[:, :, self.size:end] = key_states
@@ -310,14 +318,14 @@ def _grown(buffer, like, size: int, capacity: int):
 ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
-def kv_cache(config):
-    """A growing-buffer KV cache for decoders made of attention layers only (every layer keeps
-    all its tokens; a sliding-window layer's mask still limits what it sees); transformers'
-    own `DynamicCache` for any other layer kind (linear attention, shared KV...)."""
+def kv_cache(config, limit: int | None = None):
+    """A growing-buffer KV cache (up to ``limit`` tokens) for decoders made of attention layers
+    only (every layer keeps all its tokens; a sliding-window layer's mask still limits what it
+    sees); transformers' own `DynamicCache` for any other layer kind (linear attention...)."""
     text = config.get_text_config(decoder=True)
     if set(getattr(text, "layer_types", None) or ["full_attention"]) <= ATTENTION_LAYERS:
         cache = DynamicCache()
-        cache.layer_class_to_replicate = GrowingLayer
+        cache.layer_class_to_replicate = functools.partial(GrowingLayer, limit)
         return cache
     return DynamicCache(config=config)
 

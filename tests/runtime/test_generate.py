@@ -45,7 +45,7 @@ def _left_padded(prompts):
 
 # --- greedy = model.generate ----------------------------------------------------------------
 
-@pytest.mark.parametrize("family,tied", [("mistral", False), ("mistral", True), ("llama", False)])
+@pytest.mark.parametrize("family,tied", [("mistral", False), ("mistral", True), ("ministral3", False), ("llama", False)])
 def test_greedy_equals_hf_generate_on_a_padded_batch(family, tied):
     model, prompts = _model(family, tied=tied), _prompts((3, 11, 6, 1, 50))  # 50 + 24 > 64: the cache grows
     out = engine(model, TOK).generate(prompts, Sampling(temperature=0, max_new_tokens=24, stop_on_loop=False),
@@ -157,12 +157,14 @@ def _planted():
 def test_finish_reasons_eos_length_loop_and_stop():
     model = _planted()
     eng = engine(model, TOK)
-    eos, length, loop = eng.generate([[5, A], [5, DEF], [5, DEF]], Sampling(max_new_tokens=10), seed=0, keys=[0, 1, 2])
+    # the EOS row leaves the batch at step 2; the two looping rows go on (loop state compacted)
+    eos, loop, loop2 = eng.generate([[5, A], [5, DEF], [DOT]], Sampling(max_new_tokens=100), seed=0)
     assert (eos.finish, eos.ids, eos.text, eos.looped) == ("eos", [DD, EOS], "dd", False)
-    assert (length.finish, length.ids, length.looped) == ("length", [SELF, DOT, ITEMS, DEF] * 2 + [SELF, DOT], False)
-    [loop] = eng.generate([[5, DEF]], Sampling(max_new_tokens=100), seed=0)
     # period 4: the run reaches the 32-token minimum span at the 32nd token
-    assert (loop.finish, loop.looped, len(loop.ids)) == ("loop", True, loops.MIN_SPAN)
+    assert (loop.finish, loop.looped, loop.ids) == ("loop", True, [SELF, DOT, ITEMS, DEF] * 8)
+    assert (loop2.finish, loop2.ids) == ("loop", [ITEMS, DEF, SELF, DOT] * 8)
+    [length] = eng.generate([[5, DEF]], Sampling(max_new_tokens=10), seed=0)
+    assert (length.finish, length.ids, length.looped) == ("length", [SELF, DOT, ITEMS, DEF] * 2 + [SELF, DOT], False)
     [kept] = eng.generate([[5, DEF]], Sampling(max_new_tokens=40, stop_on_loop=False), seed=0)
     assert (kept.finish, kept.looped, len(kept.ids)) == ("length", True, 40)
 
@@ -187,8 +189,8 @@ def test_looping_flags_a_planted_loop_only_at_the_tail():
     assert not loops.looping(cycle * 3, min_span=1)  # 3 copies < min_repeats
     very = TOK("it was very very very very good, and so so so so nice", add_special_tokens=False)["input_ids"]
     assert not loops.looping(prose + very)
-    assert not loops.looping(TOK(tinymodels.TEXT, add_special_tokens=False)["input_ids"])  # TEXT is 4 copies of
-    # a 330-token text: its period is beyond max_period, so it is not a loop
+    # TEXT is 4 copies of a 134-token text: a period beyond max_period (64) is not a loop
+    assert not loops.looping(TOK(tinymodels.TEXT, add_special_tokens=False)["input_ids"])
 
 
 def test_tracker_agrees_with_looping():
