@@ -8,6 +8,12 @@ Layout of a shard folder (the `tokens` output of a `tokenize` stage, or a cache 
     000000.bin          the file's tokens, raw little-endian uint16 (vocab <= 65536) or uint32,
                         each document followed by EOS
     000000.docs.bin     int64 end offsets of its documents (document boundaries)
+    000000.mask.bin     chat sources only: one uint8 per token, 1 where the token is trained
+                        (assistant content and its end of turn, `chat.py`); the index says `chat: true`
+
+A chat source (`format: chat`) is rendered with the tokenizer's chat template, one document per
+conversation, and *no* EOS is appended: the template already ends each assistant turn with its
+end-of-turn token, and the sft stage packs whole conversations by these boundaries (packing.py).
 
 One shard per source file: the file is the unit of sharding (process r of w takes files
 r, r+w, ...) and of resume (a shard is renamed into place only when whole, next to a small
@@ -79,6 +85,8 @@ def tokenize_file(path: Path, stable: str, source: dict, tokenizer, eos: int, dt
     batch of documents. A `tokenized` source's ids are copied (EOS appended), not encoded; bad
     records fail or, under `on_error: skip`, are counted (the readers' rule)."""
     receipt, skips = _receipt(path, stable), Skips()
+    if is_chat(source):
+        return _tokenize_chat(path, stable, source, tokenizer, dtype, shard, rank, receipt, skips)
     tokenized = source.get("kind") == "tokenized"
     texts = token_documents(path, source, skips) if tokenized else documents(path, source, skips)
     limit = np.iinfo(dtype).max
@@ -110,6 +118,38 @@ def tokenize_file(path: Path, stable: str, source: dict, tokenizer, eos: int, dt
             ndocs += len(ids)
     os.replace(docs_tmp, shard.with_name(shard.stem + ".docs.bin"))
     os.replace(tmp, shard)
+    receipt.update(tokens=tokens, documents=ndocs, rank=rank, skipped=skips.total, skip_reasons=skips.first)
+    _write_json(shard.with_suffix(".json"), receipt)
+    return receipt
+
+
+def is_chat(source: dict) -> bool:
+    """A chat source is stored as conversations with an assistant mask, not as plain documents."""
+    return source.get("format") == "chat"
+
+
+def _tokenize_chat(path: Path, stable: str, source: dict, tokenizer, dtype: np.dtype, shard: Path, rank: int,
+                   receipt: dict, skips: Skips) -> dict:
+    """`tokenize_file` for a chat source: each conversation's ids and assistant mask (`chat.encode`),
+    one document per conversation, no EOS appended (the template ends each assistant turn)."""
+    from .chat import examples
+
+    limit = np.iinfo(dtype).max
+    paths = {k: shard.with_name(shard.stem + suffix + f".tmp{os.getpid()}")
+             for k, suffix in (("ids", ".bin"), ("docs", ".docs.bin"), ("mask", ".mask.bin"))}
+    tokens = ndocs = 0
+    with open(paths["ids"], "wb") as out, open(paths["docs"], "wb") as ends, open(paths["mask"], "wb") as masks:
+        for example in examples(path, source, tokenizer, skips):
+            ids = np.asarray(example.ids, dtype=np.int64)
+            if ids.size and int(ids.max()) > limit:
+                raise ValueError(f"{stable}: token id {int(ids.max())} does not fit {dtype.name}")
+            ids.astype(dtype).tofile(out)
+            np.asarray(example.mask, dtype=np.uint8).tofile(masks)
+            tokens += ids.size
+            np.array([tokens], dtype="<i8").tofile(ends)
+            ndocs += 1
+    for k, suffix in (("docs", ".docs.bin"), ("mask", ".mask.bin"), ("ids", ".bin")):  # the shard itself last
+        os.replace(paths[k], shard.with_name(shard.stem + suffix))
     receipt.update(tokens=tokens, documents=ndocs, rank=rank, skipped=skips.total, skip_reasons=skips.first)
     _write_json(shard.with_suffix(".json"), receipt)
     return receipt
@@ -176,9 +216,9 @@ def receipts(files: list[tuple[str, Path]], work: Path) -> list[dict | None]:
 
 
 def finish(files: list[tuple[str, Path]], work: Path, out: Path, *, vocab: int, eos: int,
-           tokenizer_sha256: str) -> dict:
+           tokenizer_sha256: str, chat: bool = False) -> dict:
     """Move every file's shard from ``work`` into ``out`` (in file order; nothing moves when they
-    are one folder) and write `index.json` over them."""
+    are one folder) and write `index.json` over them (``chat``: the shards carry assistant masks)."""
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, (stable, path) in enumerate(files):
@@ -186,13 +226,14 @@ def finish(files: list[tuple[str, Path]], work: Path, out: Path, *, vocab: int, 
         receipt = _done(shard, path, stable)
         if receipt is None:
             raise RuntimeError(f"{stable}: no finished shard in {work} (a process did not finish its files)")
-        for suffix in (".bin", ".docs.bin") if Path(out).resolve() != Path(work).resolve() else ():
+        suffixes = (".bin", ".docs.bin", *((".mask.bin",) if chat else ()))
+        for suffix in suffixes if Path(out).resolve() != Path(work).resolve() else ():
             os.replace(work / f"{i:06d}{suffix}", out / f"{i:06d}{suffix}")
         entries.append({"name": stable, "shard": f"{i:06d}", "tokens": receipt["tokens"],
                         "documents": receipt["documents"], "skipped": receipt.get("skipped", 0)})
     index = {"format": FORMAT, "dtype": dtype_for(vocab).name, "eos": eos, "vocab": vocab,
              "tokenizer_sha256": tokenizer_sha256, "tokens": sum(e["tokens"] for e in entries),
-             "documents": sum(e["documents"] for e in entries), "files": entries}
+             "documents": sum(e["documents"] for e in entries), "files": entries, **({"chat": True} if chat else {})}
     _write_json(out / INDEX, index)
     return index
 
@@ -220,20 +261,22 @@ class Shards:
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def _map(self, i: int) -> np.ndarray:
-        if i in self._maps:
-            self._maps.move_to_end(i)
-            return self._maps[i]
+    def _map(self, i: int, suffix: str = ".bin") -> np.ndarray:
+        key = (i, suffix)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
         n = self.files[i]["tokens"]
-        path = self.folder / f"{self.files[i]['shard']}.bin"
-        arr = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)) if n else np.empty(0, self.dtype)
-        self._maps[i] = arr
+        dtype = self.dtype if suffix == ".bin" else np.dtype(np.uint8)
+        path = self.folder / f"{self.files[i]['shard']}{suffix}"
+        arr = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+        self._maps[key] = arr
         if len(self._maps) > OPEN_SHARDS:
             self._maps.popitem(last=False)
         return arr
 
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the stream as int64."""
+    def read(self, start: int, end: int, suffix: str = ".bin") -> np.ndarray:
+        """Tokens [start, end) of the stream as int64 (``suffix=".mask.bin"``: their assistant mask)."""
         if not 0 <= start <= end <= len(self):
             raise IndexError(f"stream has {len(self):,} tokens; asked for [{start:,}, {end:,})")
         out = np.empty(end - start, dtype=np.int64)
@@ -241,10 +284,30 @@ class Shards:
         while pos < end:
             lo = pos - self.starts[i]
             hi = min(end, self.starts[i + 1]) - self.starts[i]
-            out[pos - start: pos - start + hi - lo] = self._map(i)[lo:hi]
+            out[pos - start: pos - start + hi - lo] = self._map(i, suffix)[lo:hi]
             pos += hi - lo
             i += 1
         return out
+
+    @property
+    def chat(self) -> bool:
+        """The shards of a chat source: conversations with an assistant mask (`mask`)."""
+        return bool(self.index.get("chat"))
+
+    def mask(self, start: int, end: int) -> np.ndarray:
+        """The assistant mask (1 = trained) of tokens [start, end) of a chat source, as int64."""
+        if not self.chat:
+            raise ValueError(f"{self.folder}: not the shards of a chat source (no assistant mask)")
+        return self.read(start, end, ".mask.bin")
+
+    def document_ends(self) -> np.ndarray:
+        """Stream end offset of every document, in order (int64): one conversation each for chat."""
+        parts = []
+        for i, f in enumerate(self.files):
+            path = self.folder / f"{f['shard']}.docs.bin"
+            ends = np.fromfile(path, dtype="<i8") if f["documents"] else np.empty(0, np.int64)
+            parts.append(ends.astype(np.int64) + self.starts[i])
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def file_tokens(self) -> dict[str, int]:
         return {f["name"]: f["tokens"] for f in self.files}

@@ -25,7 +25,7 @@ from cascadec import mix
 from cascadec.hub import TOKENIZER_FILES
 
 from .readers import source_files
-from .shards import FORMAT, Shards, finish, tokenize
+from .shards import FORMAT, Shards, finish, is_chat, tokenize
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,10 +158,10 @@ def _short(where, have: int, files: int, need: int) -> ValueError:
                       f"the stage needs {need:,} (offset + steps × seq_len × global_batch)")
 
 
-def open_stream(source: dict, tokenizer, tokenizer_dir: Path, cache: Path, need: int,
+def open_stream(source: dict, tokenizer, tokenizer_dir: Path, cache: Path, need: int | None,
                 log: Callable[[str], None] = print) -> TokenStream:
-    """Tokenise ``source``'s files in order, as far as ``need`` tokens, into a cache folder of
-    ``cache`` and open the stream; fail clearly if the source is too short.
+    """Tokenise ``source``'s files in order, as far as ``need`` tokens (None: all of them), into a
+    cache folder of ``cache`` and open the stream; fail clearly if the source is too short.
 
     For stages with no `tokenize` stage upstream (bootstrap trains its own tokenizer; tests).
     The folder is keyed by the source's reader settings, its file names and the tokenizer's
@@ -174,14 +174,15 @@ def open_stream(source: dict, tokenizer, tokenizer_dir: Path, cache: Path, need:
     folder = Path(cache) / "tokens" / key.hexdigest()[:20]
     receipts = tokenize(files, source, tokenizer, folder, need=need, log=log, progress=False)
     index = finish(files[:len(receipts)], folder, folder, vocab=len(tokenizer), eos=tokenizer.eos_token_id,
-                   tokenizer_sha256=fingerprint)
-    if index["tokens"] < need:
+                   tokenizer_sha256=fingerprint, chat=is_chat(source))
+    if need is not None and index["tokens"] < need:
         raise _short(source.get("builtin") or source.get("paths"), index["tokens"], len(files), need)
-    log(f"data: {len(receipts)} of {len(files)} files, {index['tokens']:,} tokens (need {need:,})")
+    log(f"data: {len(receipts)} of {len(files)} files, {index['tokens']:,} tokens"
+        + (f" (need {need:,})" if need is not None else ""))
     return TokenStream(folder)
 
 
-def stage_stream(ctx, tokenizer, tokenizer_dir: Path, need: int) -> TokenStream | MixStream:
+def stage_stream(ctx, tokenizer, tokenizer_dir: Path, need: int | None) -> TokenStream | MixStream:
     """The token stream a stage reads: its `tokenize` stage's shards (input `tokens`) when the
     plan has one, checked against the stage's tokenizer; else `open_stream` over its source.
     A stage reading a mix gets a `MixStream` over one stream per source (roles `tokens:<s>`),
@@ -196,13 +197,14 @@ def stage_stream(ctx, tokenizer, tokenizer_dir: Path, need: int) -> TokenStream 
     return shard_stream(ctx.inputs["tokens"], tokenizer_dir, need)
 
 
-def shard_stream(folder: Path, tokenizer_dir: Path, need: int) -> TokenStream:
-    """A tokenize stage's shards, refused when made with another tokenizer or too short."""
+def shard_stream(folder: Path, tokenizer_dir: Path, need: int | None) -> TokenStream:
+    """A tokenize stage's shards, refused when made with another tokenizer or too short (``need``
+    tokens; None: any length, for sft, which reads whole conversations and repeats them in epochs)."""
     stream = TokenStream(folder)
     if stream.index["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer_dir):
         raise ValueError(f"{folder} was tokenised with another tokenizer than {tokenizer_dir}'s; "
                          "the plan's tokenize stage must use the tokenizer of the models that read it")
-    if len(stream) < need:
+    if need is not None and len(stream) < need:
         raise _short(folder, len(stream), len(stream.index["files"]), need)
     return stream
 

@@ -4,7 +4,8 @@ The compiler plans one per (source, tokenizer) and every stage that reads the so
 tokenizer reads its `tokens` output (`data/shards.py` has the layout). Runs over all the
 stage's processes (nodes too): process r of w tokenises files r, r+w, ... into scratch, where a
 finished file survives a kill (resume is per file); the main process then moves the shards into
-place and writes the index. Per-file token counts go to the manifest's metrics.
+place and writes the index. Per-file token counts go to the manifest's metrics. A chat source is
+rendered with the tokenizer's chat template and stored with its assistant mask (`shards.py`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run(ctx: StageContext) -> dict:
         done = [r for r in shards.receipts(files, work) if r is not None]
         ranks = [r["rank"] for r in done]
         index = shards.finish(files, work, Path(ctx.out) / "tokens", vocab=len(tokenizer),
-                              eos=tokenizer.eos_token_id, tokenizer_sha256=tokenizer_fingerprint(tokenizer_dir))
+                              eos=tokenizer.eos_token_id, tokenizer_sha256=tokenizer_fingerprint(tokenizer_dir),
+                              chat=shards.is_chat(source))
         seconds = time.perf_counter() - started
         metrics = {"tokens": index["tokens"], "documents": index["documents"], "files": len(files),
                    "file_tokens": {f["name"]: f["tokens"] for f in index["files"]},
