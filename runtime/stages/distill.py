@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from ..context import StageContext
 from ..training.fsdp import empty_on_this_rank
 from ..training.models import load_model
-from ..training.train import train
+from ..training.train import teacher_dtype, train
 
 
 def run(ctx: StageContext) -> dict:
@@ -24,19 +24,10 @@ def run(ctx: StageContext) -> dict:
     student = load_model(student_dir, rope=config.get("rope"), empty=empty_on_this_rank(ctx.stage))
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     cached = ctx.inputs.get("teacher_logits")
-    teacher = None if cached else load_model(ctx.inputs["teacher"], dtype=_teacher_dtype(config),
+    teacher = None if cached else load_model(ctx.inputs["teacher"], dtype=teacher_dtype(config),
                                              empty=empty_on_this_rank(ctx.stage, teacher=True))
     ctx.log(f"distill: {config.get('phase', '')} student {student_dir}, teacher "
             f"{'cached top-k logits ' + str(cached) if cached else ctx.inputs['teacher']}")
     metrics = train(ctx, student, tokenizer, student_dir, teacher=teacher,
                     teacher_dir=None if cached else ctx.inputs["teacher"], teacher_logits=cached)
     return {**metrics, "teacher": "cached" if cached else "online"}
-
-
-def _teacher_dtype(config: dict):
-    """The frozen teacher runs in bf16 where the stage trains in bf16 on a GPU, else fp32."""
-    import torch
-
-    from ..training.train import mixed_precision
-
-    return torch.bfloat16 if mixed_precision(config.get("precision", "fp32")) == "bf16" else torch.float32

@@ -98,10 +98,13 @@ def chunked_loss(
     labels: torch.Tensor,
     spec: LossSpec,
     teacher: Teacher | None = None,
+    parts: dict | None = None,
 ) -> torch.Tensor:
     """Mean loss over unmasked tokens; differentiable in ``hidden`` [N, H] and ``weight`` [V, H].
 
     ``teacher=None`` gives plain next-token cross-entropy (control and bootstrap training).
+    ``parts``, when given, receives the unweighted means of the terms (``kd``, and ``ce`` when
+    ``ce_weight`` > 0) as detached scalar tensors, for the metrics; the loss is ``(1 − w)·kd + w·ce``.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
@@ -111,7 +114,7 @@ def chunked_loss(
                          "cannot give the unbiased (k+1)-bucket loss")
     flat = [x.reshape(-1, x.shape[-1]) if x is not None else None for x in (t.hidden, t.values, t.indices)]
     rest = t.rest.reshape(-1, 1) if t.rest is not None else None
-    return _ChunkedLoss.apply(hidden, weight, labels, flat[0], t.weight, flat[1], flat[2], rest, spec)
+    return _ChunkedLoss.apply(hidden, weight, labels, flat[0], t.weight, flat[1], flat[2], rest, spec, parts)
 
 
 @torch.no_grad()
@@ -146,7 +149,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """Gradients are computed in forward, chunk by chunk; backward only rescales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, t_hidden, t_weight, t_values, t_indices, t_rest, spec):
+    def forward(ctx, hidden, weight, labels, t_hidden, t_weight, t_values, t_indices, t_rest, spec, parts):
         keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         count = max(int(keep.numel()), 1)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # loss maths and gradients in fp32 at least
@@ -157,13 +160,14 @@ class _ChunkedLoss(torch.autograd.Function):
             grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
             grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             total = torch.zeros((), dtype=acc, device=hidden.device)
+            sums = {} if parts is not None else None
             w = weight.to(mm)
             teacher = (t_hidden, t_weight.to(t_mm) if t_hidden is not None else None, t_values, t_indices, t_rest)
             for rows in keep.split(spec.chunk_tokens):
                 h = hidden[rows].to(mm)
                 z = (h @ w.T).to(acc)
                 log_p = _teacher_chunk(rows, *teacher, spec, z)
-                loss, grad_z = chunk_loss_and_grad(z, labels[rows], spec, *log_p)
+                loss, grad_z = chunk_loss_and_grad(z, labels[rows], spec, *log_p, parts=sums)
                 total += loss
                 scale = _fp16_scale(grad_z) if mm == torch.float16 else 1.0
                 grad_z = (grad_z.mul_(scale) if scale != 1.0 else grad_z).to(mm)
@@ -171,6 +175,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 grad_weight += (grad_z.T @ h).to(acc).div_(scale)
                 del z, log_p, grad_z
         ctx.save_for_backward(grad_hidden.div_(count), grad_weight.div_(count))
+        if parts is not None:
+            parts.update({k: v / count for k, v in sums.items()})
         return total / count
 
     @staticmethod
@@ -178,7 +184,7 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_out).to(hidden_dtype), (grad_weight * grad_out).to(weight_dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _fp16_scale(grad_z: torch.Tensor) -> float:
@@ -218,18 +224,23 @@ def _teacher_chunk(rows, t_hidden, t_weight, t_values, t_indices, t_rest, spec, 
     return values.sub_(lse), ids, rest.sub(lse)
 
 
-def chunk_loss_and_grad(z, labels, spec: LossSpec, log_p=None, ids=None, log_p_rest=None):
+def chunk_loss_and_grad(z, labels, spec: LossSpec, log_p=None, ids=None, log_p_rest=None, parts=None):
     """Summed loss of one chunk of student logits ``z`` [C, V] and dL/dz (not yet averaged).
 
     The teacher is given as `_teacher_chunk` returns it (``log_p=None``: cross-entropy only).
     Works in place: ``z`` and ``log_p`` are overwritten (``z`` becomes the returned gradient),
     so a chunk costs about three [C, V] buffers, not the ten a naive version holds.
+    ``parts`` (a dict) accumulates the summed terms ``ce`` and ``kd`` that were computed.
     """
     w = spec.ce_weight if log_p is not None else 1.0
     ce, ce_grad = _cross_entropy(z, labels) if w > 0.0 else (0.0, None)
+    if parts is not None and ce_grad is not None:
+        parts["ce"] = parts.get("ce", 0.0) + ce.detach()
     if w >= 1.0:
         return ce, ce_grad
     kd, grad = _kd(z, log_p, ids, log_p_rest, spec)
+    if parts is not None:
+        parts["kd"] = parts.get("kd", 0.0) + kd.detach()
     if ce_grad is None:
         return kd, grad
     return (1.0 - w) * kd + w * ce, grad.mul_(1.0 - w).add_(ce_grad, alpha=w)

@@ -63,11 +63,13 @@ class TopKCache:
                 f"an older cascadec, format {self.index.get('format', 1)}); unbiased top-k distillation needs "
                 f"it, and the renormalised top-k it used to fall back to is biased; {self.rebuild}")
 
-    def check(self, *, vocab: int, seq_len: int, offset: int, sequences: int, temperature: float) -> None:
-        """Fail clearly unless the cache covers exactly this stage's window, vocabulary and τ."""
+    def check_vocab(self, vocab: int) -> None:
+        if self.index["vocab"] != vocab:
+            raise ValueError(f"teacher vocabulary has {self.index['vocab']} entries but the student's has {vocab}")
+
+    def check(self, *, seq_len: int, offset: int, sequences: int, temperature: float) -> None:
+        """Fail clearly unless the cache covers this stage's window (its first ``sequences`` rows) at τ."""
         ix = self.index
-        if ix["vocab"] != vocab:
-            raise ValueError(f"teacher vocabulary has {ix['vocab']} entries but the student's has {vocab}")
         if ix["seq_len"] != seq_len or ix["offset"] != offset or ix["sequences"] < sequences:
             raise ValueError(
                 f"cached teacher logits cover {ix['sequences']} sequences of {ix['seq_len']} tokens from "
@@ -79,15 +81,15 @@ class TopKCache:
                 f"{', '.join(map(str, self.temperatures))}; this stage distills at {temperature}; {self.rebuild} "
                 "(the plan lists in its config the temperatures of the stages that read it)")
 
-    def check_tokens(self, stream) -> None:
-        """Fail unless the cache was built on exactly the token ids ``stream`` holds in its window."""
-        start = int(self.index["offset"])
-        end = start + int(self.index["sequences"]) * int(self.index["seq_len"])
-        ours = ids_digest(stream, start, end)
+    def check_tokens(self, data) -> None:
+        """Fail unless the cache was built on exactly the rows ``data`` reads: the digest of its first
+        ``sequences`` rows (``data.ids_sha256``; stream windows, or packed chat rows)."""
+        n = int(self.index["sequences"])
+        ours = data.ids_sha256(n)
         if ours != self.index["ids_sha256"]:
             raise ValueError(
                 f"teacher logits cached at {self.path} were built on other tokens than this stage reads "
-                f"(sha256 of the input ids [{start:,}, {end:,}): cache {self.index['ids_sha256'][:12]}, "
+                f"(sha256 of the input {data.span(n)}: cache {self.index['ids_sha256'][:12]}, "
                 f"this stage {ours[:12]}); the data or its tokenisation changed since; {self.rebuild}")
 
     @property

@@ -1,7 +1,18 @@
-"""The one training loop: distill, teacher-free control/bootstrap, and later SFT all call `train`.
+"""The one training loop: distill, teacher-free control/bootstrap, and sft all call `train`.
 
 Owns the optimiser, schedule, step checkpoints (resume), metrics and the final save. It must not
 load models or choose data: stages do that and hand it a model, a tokenizer and a source.
+
+The loop takes micro-batches of (input_ids, labels, position_ids) from a batch source: windows of
+the token stream with next-token labels (`StreamBatches`: distill, control, bootstrap), or packed
+chat conversations with labels on the trained tokens (`data/packing.py`: sft). Both split a step's
+sequences over processes by (step, rank) alone, so resume and multi-process work the same way.
+
+Loss scale under accumulation: a step's loss is the mean over *all* its trained tokens, across
+micro-batches and processes (each micro-batch's mean is weighted by its share of the step's
+trained tokens), not the mean of per-micro-batch means, which would weight a token of a short
+conversation above one of a long one. When every micro-batch trains as many tokens (the stream)
+the weight is exactly 1.
 
 A step checkpoint is `accelerator.save_state` (model, optimiser, RNG) plus the scheduler and the
 data position (under `strategy: fsdp`, DCP shards and per-rank state: `fsdp.py`), written to
@@ -29,10 +40,11 @@ from .. import preempt
 from ..context import StageContext
 from ..progress import Progress
 from . import fsdp
+from ..data.packing import MicroBatch, PackedBatches
 from ..data.stream import (DataPosition, MixStream, Window, copy_tokenizer_files, micro_batches, per_process,
                            source_tokens, stage_stream, tokenizer_fingerprint)
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
-from .topk_cache import TopKCache
+from .topk_cache import TopKCache, ids_digest
 
 
 class Objective(torch.nn.Module):
@@ -46,11 +58,14 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model = model
         self.spec = spec
+        self.parts: dict = {}  # the last forward's loss terms (kd, ce) for the metrics
 
-    def forward(self, input_ids, labels, **teacher):
-        hidden = decoder_hidden(self.model, input_ids)
+    def forward(self, input_ids, labels, position_ids=None, **teacher):
+        hidden = decoder_hidden(self.model, input_ids, position_ids)
         head = self.model.get_output_embeddings().weight
-        return chunked_loss(hidden, head, labels, self.spec, Teacher(**teacher) if teacher else None)
+        self.parts = {}
+        return chunked_loss(hidden, head, labels, self.spec, Teacher(**teacher) if teacher else None,
+                            parts=self.parts if teacher else None)
 
 
 class TeacherForward(torch.nn.Module):
@@ -61,13 +76,16 @@ class TeacherForward(torch.nn.Module):
         super().__init__()
         self.teacher = teacher
 
-    def forward(self, input_ids):
-        return decoder_hidden(self.teacher, input_ids), self.teacher.get_output_embeddings().weight
+    def forward(self, input_ids, position_ids=None):
+        return decoder_hidden(self.teacher, input_ids, position_ids), self.teacher.get_output_embeddings().weight
 
 
-def decoder_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states, without the LM head: the loss applies the head in chunks."""
-    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+def decoder_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final (normed) hidden states, without the LM head: the loss applies the head in chunks.
+
+    ``position_ids`` restarting inside a row (packed conversations) make transformers build a
+    block-diagonal causal mask (no attention mask is passed, no cache is used; packing.py)."""
+    return model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -75,6 +93,31 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
+
+
+class StreamBatches:
+    """The micro-batches of a token stream: windows of ``seq_len`` tokens, every next token a target."""
+
+    packed = False
+
+    def __init__(self, stream, window: Window):
+        self.stream, self.window = stream, window
+
+    def micro_batches(self, step: int, rank: int, world: int, micro: int):
+        for input_ids, indices in micro_batches(self.stream, self.window, step, rank, world, micro):
+            yield MicroBatch(input_ids, next_token_labels(input_ids), None, indices)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences (rows) a teacher-logits cache must hold for this stage."""
+        return self.window.sequences
+
+    def span(self, n: int) -> str:
+        start = self.window.offset
+        return f"ids [{start:,}, {start + n * self.window.seq_len:,})"
+
+    def ids_sha256(self, n: int) -> str:
+        return ids_digest(self.stream, self.window.offset, self.window.offset + n * self.window.seq_len)
 
 
 def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_ratio: float) -> float:
@@ -103,6 +146,11 @@ def mixed_precision(precision: str) -> str:
         if precision == "fp16" or torch.cuda.is_bf16_supported():
             return precision
     return "no"
+
+
+def teacher_dtype(config: dict) -> torch.dtype:
+    """The frozen teacher runs in bf16 where the stage trains in bf16 on a GPU, else fp32."""
+    return torch.bfloat16 if mixed_precision(config.get("precision", "fp32")) == "bf16" else torch.float32
 
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -160,12 +208,17 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         if sharded:
             placement = {"teacher_placement": why, "teacher_params_per_rank": fsdp.gathered(fsdp.local_params(teacher))}
             ctx.log(f"distill: teacher {why}")
-    cache = _teacher_logits(ctx, teacher_logits, model, window, spec, tokenizer_dir)
-    need = window.offset + max(window.tokens, cache.index["sequences"] * window.seq_len if cache else 0)
+    cache = _teacher_logits(ctx, teacher_logits, model, spec, tokenizer_dir)
     with accelerator.main_process_first():
-        stream = stage_stream(ctx, tokenizer, tokenizer_dir, need)
+        data = _batches(ctx, tokenizer, tokenizer_dir, window, cache)
     if cache is not None:
-        cache.check_tokens(stream)
+        cache.check(seq_len=window.seq_len, offset=window.offset, sequences=data.sequences,
+                    temperature=spec.temperature)
+        cache.check_tokens(data)
+    if data.packed:
+        ctx.log(f"sft: {data.rows.examples:,} conversations packed into {data.rows.rows:,} rows of {window.seq_len} "
+                f"({data.rows.tokens / (data.rows.rows * window.seq_len):.1%} filled, {data.rows.truncated} truncated); "
+                f"{window.sequences:,} rows read = {data.order.epochs(window.sequences):.2f} epochs")
 
     # 2. Optimiser, schedule, and what a checkpoint holds besides model and optimiser.
     if config.get("activation_checkpointing"):  # recompute each layer in backward (docs/plan.md, Estimates)
@@ -200,20 +253,31 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     bar = Progress(window.steps, initial=start, what=str(ctx.stage.get("id", "train")), log=ctx.log,
                    enabled=accelerator.is_main_process)
     loss_value = float("nan")
+    world = accelerator.num_processes
     for step in range(start, window.steps):
         total = torch.zeros((), device=accelerator.device)
-        batches = micro_batches(stream, window, step, accelerator.process_index, accelerator.num_processes, micro)
-        for m, (input_ids, indices) in enumerate(batches):
-            input_ids = input_ids.to(accelerator.device)
+        terms: dict[str, torch.Tensor] = {}
+        batches = list(data.micro_batches(step, accelerator.process_index, world, micro))
+        counts = [int((b.labels != IGNORE_INDEX).sum()) for b in batches]
+        trained = _summed(accelerator, sum(counts))  # the step's trained tokens over all processes
+        for m, batch in enumerate(batches):
+            input_ids, labels = batch.input_ids.to(accelerator.device), batch.labels.to(accelerator.device)
+            positions = batch.position_ids.to(accelerator.device) if batch.position_ids is not None else None
             sync = m == accum - 1
             no_sync = fsdp.gradient_sync(objective, sync) if sharded else (
                 accelerator.no_sync(objective) if not sync else nullcontext())
+            # this micro-batch's share of the step's trained tokens (exactly 1 when all shares are equal)
+            weight = counts[m] * accum * world / trained if trained else 0.0
             with no_sync, accelerator.autocast():
-                extra = _teacher_side(teacher, cache, input_ids, indices, spec, accelerator.device)
-                loss = objective(input_ids, next_token_labels(input_ids), **extra)
+                extra = _teacher_side(teacher, cache, input_ids, positions, batch.indices, spec, accelerator.device)
+                loss = objective(input_ids, labels, positions, **extra)
+                if weight != 1.0:
+                    loss = loss * weight
                 fsdp.reshard(teacher)  # the loss is done with the teacher's head (kd.py: gradients in forward)
                 accelerator.backward(loss / accum)
             total += loss.detach() / accum
+            for k, v in _unwrapped(accelerator, objective, sharded).parts.items():
+                terms[k] = terms.get(k, 0.0) + v * weight / accum
         grad_norm = _clip(accelerator, objective, opt_cfg.get("grad_clip"), sharded)
         step_lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -226,8 +290,15 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         rate = (position.step - start) * window.seq_len * window.global_batch / max(elapsed, 1e-9)
         record = {"step": position.step, "tokens": position.tokens, "loss": loss_value,
                   "lr": step_lr, "grad_norm": grad_norm, "tokens_per_s": rate}
+        shown = {}
+        if data.packed:  # sft: the loss terms, the share of trained tokens, the epochs read so far
+            parts = {k: accelerator.reduce(v.reshape(()), "mean").item() for k, v in sorted(terms.items())}
+            record.update(parts, trained_tokens=trained, trained_share=trained / (window.global_batch * window.seq_len),
+                          epoch=data.order.epochs(position.step * window.global_batch))
+            shown = {**{k: f"{v:.4f}" for k, v in parts.items()}, "trained": f"{record['trained_share']:.0%}",
+                     "epoch": f"{record['epoch']:.2f}"}
         _log_metrics(accelerator, metrics_file, record)
-        bar.update(1, loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+        bar.update(1, loss=f"{loss_value:.4f}", **shown, tok_s=f"{rate:,.0f}")
         stop = position.step < window.steps and _agreed(accelerator, preempt.requested(ctx.scratch))
         if stop or _due(position.step, window.steps, ckpt_cfg):
             state = (objective, optimizer, {"scheduler": scheduler.state_dict(), "position": position.state_dict()})
@@ -258,9 +329,14 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         torch.distributed.destroy_process_group()
     trained_tokens = (window.steps - start) * window.seq_len * window.global_batch
     per_source = {}
-    if isinstance(stream, MixStream):  # what the processes read of each source, summed (manifest, report)
-        mine = source_tokens(stream, window, accelerator.process_index, accelerator.num_processes)
+    if not data.packed and isinstance(data.stream, MixStream):  # what the processes read of each source (manifest)
+        mine = source_tokens(data.stream, window, accelerator.process_index, accelerator.num_processes)
         per_source = {"source_tokens": {k: sum(c[k] for c in gather_object([mine])) for k in mine}}
+    if data.packed:  # trained tokens from the metrics file: it holds every step, across resumes
+        trained_all = sum(json.loads(line).get("trained_tokens", 0) for line in metrics_file.read_text().splitlines()) \
+            if accelerator.is_main_process else 0
+        per_source = {**data.summary(window), "trained_tokens": trained_all,
+                      "trained_share": round(trained_all / max(window.tokens, 1), 6)}
     return {"steps": window.steps, "tokens": window.tokens, "tokens_seen": window.tokens, "final_loss": loss_value,
             "wall_s": round(wall, 3), "resumed_from_step": start, "processes": accelerator.num_processes,
             "tokens_per_s": round(trained_tokens / max(wall, 1e-9), 1), "strategy": strategy,
@@ -316,22 +392,42 @@ def _check_tokenizers(teacher: str, teacher_sha: str, student_dir: Path) -> None
             "teacher's tokenizer")
 
 
-def _teacher_logits(ctx: StageContext, path: Path | None, model, window: Window, spec: LossSpec,
+def _batches(ctx: StageContext, tokenizer, tokenizer_dir: Path, window: Window, cache: TopKCache | None):
+    """The stage's batch source: packed conversations for sft, stream windows otherwise. A stream
+    is read as far as the window and the cache's rows (whose digest is checked) reach."""
+    if ctx.stage.get("kind") == "sft":
+        return PackedBatches.open(ctx, tokenizer, tokenizer_dir, window)
+    need = window.offset + max(window.tokens, cache.index["sequences"] * window.seq_len if cache else 0)
+    return StreamBatches(stage_stream(ctx, tokenizer, tokenizer_dir, need), window)
+
+
+def _summed(accelerator, n: int) -> int:
+    """``n`` summed over the processes."""
+    if accelerator.num_processes == 1:
+        return n
+    return int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum").item())
+
+
+def _unwrapped(accelerator, objective, sharded: bool) -> Objective:
+    return objective if sharded else accelerator.unwrap_model(objective)
+
+
+def _teacher_logits(ctx: StageContext, path: Path | None, model, spec: LossSpec,
                     tokenizer_dir: Path) -> TopKCache | None:
-    """The top-k cache, checked against this stage (all but the token digest, which needs the stream)."""
+    """The top-k cache, checked against the student (the window and tokens once the data is open)."""
     if path is None:
         return None
     builder = next((i.get("stage") for i in ctx.stage.get("inputs", []) if i.get("role") == "teacher_logits"), None)
     cache = TopKCache(path, stage=builder)
-    cache.check(vocab=model.get_output_embeddings().weight.shape[0], seq_len=window.seq_len,
-                offset=window.offset, sequences=window.steps * window.global_batch, temperature=spec.temperature)
+    cache.check_vocab(model.get_output_embeddings().weight.shape[0])
     if spec.top_k and spec.top_k != cache.top_k:
         raise ValueError(f"loss.top_k is {spec.top_k} but the cached teacher logits hold top-{cache.top_k}")
     _check_tokenizers(f"teacher {cache.index['teacher']} (logits cached at {path})", cache.tokenizer, tokenizer_dir)
     return cache
 
 
-def _teacher_side(teacher, cache: TopKCache | None, input_ids, indices, spec: LossSpec, device) -> dict:
+def _teacher_side(teacher, cache: TopKCache | None, input_ids, position_ids, indices, spec: LossSpec,
+                  device) -> dict:
     """Keyword arguments of `Objective.forward` describing the teacher for one micro-batch."""
     if cache is not None:
         values, ids, rest = cache.read(indices, spec.temperature)
@@ -339,7 +435,7 @@ def _teacher_side(teacher, cache: TopKCache | None, input_ids, indices, spec: Lo
     if teacher is None:
         return {}
     with torch.no_grad():
-        hidden, weight = teacher(input_ids)
+        hidden, weight = teacher(input_ids, position_ids)
     return {"hidden": hidden, "weight": weight}
 
 

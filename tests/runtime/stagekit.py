@@ -44,3 +44,28 @@ def teacher_logits_stage(distill_stage: dict, top_k: int, **config) -> dict:
         "seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "data": cfg["data"], "top_k": top_k,
         "micro_batch": cfg["micro_batch"], "precision": "fp32",
         "temperatures": [cfg["loss"]["temperature"]], **config}}
+
+
+def kill_then_resume(ctx_json: Path, ready) -> tuple[int, dict]:
+    """Run a stage (`stage_main --ctx-json`) in a subprocess, SIGKILL it once ``ready()`` is true
+    (or it is about to, the caller's wait), rerun it to the end; return (the step of the newest
+    checkpoint at the kill, the rerun's result)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "cascadec.runtime.stage_main", "--ctx-json", str(ctx_json)]
+    run = ctx_json.parent
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "result.json").exists(), "the run finished before it could be killed"
+    killed_at = sorted((run / "scratch" / "checkpoints").glob("step-*"))[-1].name
+    subprocess.run(command, check=True, capture_output=True)
+    return int(killed_at.split("-")[1]), json.loads((run / "result.json").read_text())
