@@ -534,6 +534,10 @@ def _check_format(diag, d, at, reader: str) -> None:
     """CSC285: a stage reads a source whose records are not the format it needs (builtins and mixes
     define their own records and are checked where they are made)."""
     wants, has = READS.get(reader), d.format or "text"
+    if reader == "sft" and d.kind == "mix":
+        diag("CSC310", f"sft packs the conversations of one chat source, but data '{d.name}' is a mix", at,
+             "point `data` at one chat source; several files go in its `paths` (docs/runtime.md, SFT)")
+        return
     if wants is None or d.kind in ("builtin", "mix") or has == wants:
         return
     fix = "remove its `format`" if wants == "text" else f"give it `format: {wants}`"

@@ -311,7 +311,10 @@ class Builder:
         at = where(t.at)
         config, prov = _training_config(t, self.spec, w.steps, w.offset, w.sources)
         start = resolve.lookup(resolve.starts(c)[ref], self.cps, c).ref
-        reads = self.reading(t.data, self.tokenizer_of(start)) if t.kind == "distill" else [{"role": "data", "data": t.data}]
+        # distill reads token shards, sft conversations with their assistant mask: both from the
+        # tokenize stage of (source, tokenizer), shared with every other reader
+        reads = self.reading(t.data, self.tokenizer_of(start)) if t.kind in ("distill", "sft") else \
+            [{"role": "data", "data": t.data}]
         inputs = [self.checkpoint("student" if t.kind in ("distill", "sft") else "policy", start), *reads]
         n_teacher, teacher_shape = 0, None
         if t.teacher is not None:
