@@ -10,9 +10,9 @@ Packing (deterministic, a function of the example lengths and ``seq_len`` only):
 1. Examples are the source's conversations that start at or after ``data.offset`` in the stream;
    one longer than ``seq_len`` keeps its first ``seq_len`` tokens (counted as truncated).
 2. Best-fit decreasing: examples by length, longest first (ties: stream order), each into the
-   open row with the least room that still fits it, else a new row. It fills rows to within a
-   fraction of a percent on realistic length mixes (next-fit in stream order wastes about half a
-   mean example per row) and never splits a conversation.
+   open row with the least room that still fits it, else a new row. It never splits a
+   conversation and fills 99.99 % of 16k-token rows with 1k-token conversations, where next-fit
+   in stream order fills 92 % (`benchmarks/packing.py`).
 3. Rows are then listed in a fixed scattered order (``k -> a·k mod R``, ``a`` near R/φ and coprime
    to R), so that any prefix of rows holds short and long conversations alike: a stage whose
    budget is smaller than the data trains on the first ``S`` rows of this order, and the

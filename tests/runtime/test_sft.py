@@ -204,12 +204,13 @@ def _row(parts, seq_len: int):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("teacher", [False, True], ids=["ce", "kd+ce"])
+@pytest.mark.parametrize("trained", ["student", "teacher"], ids=["tied-qwen3", "untied-mistral"])
 def test_a_packed_row_gives_the_loss_and_gradients_of_the_examples_unpacked(chats, models, tmp_path, attention,
-                                                                            teacher):
+                                                                            teacher, trained):
     shards, _ = shards_of(chats, models["student"], tmp_path / "cache")
     parts = _examples(shards)
     seq_len = sum(len(t) for t, _ in parts) + 5
-    student = AutoModelForCausalLM.from_pretrained(models["student"], attn_implementation=attention).float()
+    student = AutoModelForCausalLM.from_pretrained(models[trained], attn_implementation=attention).float()
     t_model = AutoModelForCausalLM.from_pretrained(models["teacher"], attn_implementation=attention).float().eval()
     spec = LossSpec(kind="forward_kl", temperature=2.0, ce_weight=0.3, chunk_tokens=16)
     objective = Objective(student, spec)
