@@ -438,23 +438,27 @@ def test_sigkill_mid_sft_then_resume_gives_bit_identical_weights(models, chats, 
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(models, chats, tmp_path):
-    """Global batch 4: one process accumulates 4 micro-batches, two processes 2 each. The loss is
-    the mean over the step's trained tokens however they are split, so the runs agree to the
-    summation order of the all-reduce."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(models, chats, tmp_path, strategy):
+    """Global batch 4: one process accumulates 4 micro-batches, two processes 2 each (DDP, or FSDP2
+    sharding student and teacher). The loss is the mean over the step's trained tokens however they
+    are split, so the runs agree to the summation order of the gradient reduction."""
     st = sft_stage(micro_batch=1, loss={"teacher": True, "ce_weight": 0.5})
     inputs = {"student": models["student"], "teacher": models["teacher"]}
     one = context(tmp_path / "one", st, inputs, chats, tmp_path / "cache")
     sft.run(one)
-    two_stage = {**st, "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "ddp"}}
+    two_stage = {**st, "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": strategy}}
     two = context(tmp_path / "two", two_stage, inputs, chats, tmp_path / "cache")
     two.scratch.mkdir(parents=True)
     lines = []
     two.log = lines.append
-    assert executor._spawn(two)["processes"] == 2, "\n".join(lines[-40:])
+    result = executor._spawn(two)
+    assert (result["processes"], result["strategy"]) == (2, strategy), "\n".join(lines[-40:])
     for a, b in zip(records(one.out), records(two.out)):
         for key in ("loss", "kd", "ce", "trained_tokens", "trained_share", "epoch"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     a, b = weights(one.out), weights(two.out)
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(two.out / "model").chat_template == chat.DEFAULT_TEMPLATE
