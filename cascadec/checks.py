@@ -15,7 +15,7 @@ from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
 from .shapes import config_errors, param_count, reachable
 from .source import Document, where
-from .spec import FamilySpec, Share
+from .spec import BUILTIN_TASKS, FamilySpec, Share
 
 RESERVED = {"pruned", "control"}
 ROUNDING_WARN = 0.05  # a budget that loses more than 5% to whole steps warns; the plan notes any loss
@@ -86,7 +86,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                      "write the weights with fewer digits (0.7 and 0.3, or 7 and 3): sequences are "
                      "interleaved in a fixed period whose length is the weights' common denominator")
         if d.kind == "builtin" and not d.builtin:
-            diag("CSC222", f"data '{d.name}' is builtin but names no corpus", d.at, "add `builtin: stdlib` (or arithmetic)")
+            diag("CSC222", f"data '{d.name}' is builtin but names no corpus", d.at, "add `builtin: stdlib` (or tasks)")
         if d.kind in ("text", "jsonl", "parquet", "tokenized") and not d.paths:
             diag("CSC222", f"data '{d.name}' of kind {d.kind} has no `paths`", d.at, "add `paths: [data/*.jsonl]`")
         _check_reader(diag, d)
@@ -465,8 +465,10 @@ READER_KEYS = {
     "hub": ("dataset",),
     "revision": ("dataset",),
     "subset": ("dataset",),
-    "format": ("jsonl", "parquet", "dataset"),
-    "system": ("jsonl", "parquet", "dataset"),
+    "format": ("jsonl", "parquet", "dataset", "builtin"),
+    "system": ("jsonl", "parquet", "dataset", "builtin"),
+    "tasks": ("builtin",),
+    "think": ("builtin",),
     "on_error": ("text", "jsonl", "parquet", "dataset", "tokenized"),
 }
 BUILTIN_SPLITS = ("train", "heldout")
@@ -490,6 +492,7 @@ def _check_reader(diag, d) -> None:
     if d.kind == "builtin" and d.split is not None and d.split not in BUILTIN_SPLITS:
         diag("CSC283", f"data '{d.name}': builtin split '{d.split}' is not one of {', '.join(BUILTIN_SPLITS)}",
              (*d.at, "split"), "builtin corpora split by file into `train` and `heldout`")
+    _check_tasks(diag, d)
     if d.field is not None and d.format not in (None, "text"):
         diag("CSC284", f"data '{d.name}': `field` is for text documents; {d.format} records have fixed fields",
              (*d.at, "field"), "remove `field`; docs/data.md lists the fields of each format", key=True)
@@ -525,21 +528,40 @@ def _check_judge(diag, j) -> None:
              "a callable judge loads what it needs itself; remove `model`", key=True)
 
 
+def _check_tasks(diag, d) -> None:
+    """CSC360-CSC361: the settings of a `builtin: tasks` source, and keys only it reads."""
+    if d.kind != "builtin":
+        return
+    if d.builtin != "tasks":
+        for key in ("tasks", "think", "format", "system"):
+            if getattr(d, key) is not None and not (key == "format" and d.format == "text"):
+                diag("CSC361", f"data '{d.name}': `{key}` is for `builtin: tasks`; builtin {d.builtin} is text "
+                     "documents", (*d.at, key), f"remove `{key}`, or generate tasks with `builtin: tasks`", key=True)
+        return
+    for i, name in enumerate(d.tasks or ()):
+        if name not in BUILTIN_TASKS:
+            hint = did_you_mean(name, BUILTIN_TASKS)
+            diag("CSC360", f"data '{d.name}': unknown task '{name}'", (*d.at, "tasks", i),
+                 (hint + " " if hint else "") + f"the built-in tasks are {', '.join(BUILTIN_TASKS)}")
+
+
 # The record format each reader of a data source expects (docs/data.md).
 READS = {"distill": "text", "bootstrap": "text", "calibration": "text", "eval": "text",
          "sft": "chat", "dpo": "preference", "odpo": "prompts", "grpo": "prompts"}
 
 
 def _check_format(diag, d, at, reader: str) -> None:
-    """CSC285: a stage reads a source whose records are not the format it needs (builtins and mixes
-    define their own records and are checked where they are made)."""
+    """CSC285: a stage reads a source whose records are not the format it needs (a mix is checked
+    where it is made; `builtin: tasks` makes records in its `format`, `builtin: stdlib` is text)."""
     wants, has = READS.get(reader), d.format or "text"
     if reader == "sft" and d.kind == "mix":
         diag("CSC310", f"sft packs the conversations of one chat source, but data '{d.name}' is a mix", at,
              "point `data` at one chat source; several files go in its `paths` (docs/runtime.md, SFT)")
         return
-    if wants is None or d.kind in ("builtin", "mix") or has == wants:
+    if wants is None or d.kind == "mix" or has == wants:
         return
     fix = "remove its `format`" if wants == "text" else f"give it `format: {wants}`"
-    diag("CSC285", f"{reader} reads {wants} records, but data '{d.name}' holds {has} records", at,
-         f"point `data` at a {wants} source, or {fix} if its records are {wants} (docs/data.md)")
+    help = f"point `data` at a {wants} source, or {fix} if its records are {wants} (docs/data.md)"
+    if d.kind == "builtin" and d.builtin != "tasks":  # stdlib is text; the tasks make any format
+        help = f"point `data` at a {wants} source, e.g. {{kind: builtin, builtin: tasks, format: {wants}}} (docs/data.md)"
+    diag("CSC285", f"{reader} reads {wants} records, but data '{d.name}' holds {has} records", at, help)

@@ -16,7 +16,7 @@ from .presets import PRESETS, expand
 from .schema import family_schema
 from .shapes import Shape, from_hf_config
 from .source import Document, where
-from .spec import (ChildSpec, DataSpec, EvalSpec, FamilySpec, JudgeSpec, ModelSpec, Settings, Share,
+from .spec import (BUILTIN_TASKS, ChildSpec, DataSpec, EvalSpec, FamilySpec, JudgeSpec, ModelSpec, Settings, Share,
                    ShapeRequest, Training)
 
 # Built-in defaults. Each is a cascadec choice, not a number from a paper; the plan says "default".
@@ -181,6 +181,7 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
             name=name, kind=d["kind"], paths=tuple(d.get("paths", ())), field=d.get("field"),
             builtin=d.get("builtin"), split=d.get("split"), mix=dict(d.get("mix", {})),
             **{k: d.get(k) for k in ("hub", "revision", "subset", "format", "system", "on_error")},
+            tasks=_tasks(d), think=d.get("think"),
             stream=d.get("stream", False), shuffle=d.get("shuffle", True), tokens=quantity(d["tokens"]) if "tokens" in d else None,
             at=("data", name),
         )
@@ -240,6 +241,13 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
                       harness=harness(ev["harness"]) if ev.get("harness") else None) if ev else None,
         assumed=tuple(assumed), defaults=family_settings,
     )
+
+
+def _tasks(d: dict) -> tuple[str, ...] | None:
+    """The tasks a `builtin: tasks` source generates: the spec's list, or all of them written out."""
+    if "tasks" in d:
+        return tuple(d["tasks"])
+    return BUILTIN_TASKS if d.get("builtin") == "tasks" else None
 
 
 HARNESS_BATCH = 8

@@ -156,7 +156,9 @@ def _model_identity(spec: FamilySpec, name: str) -> dict:
 def _data_identity(spec: FamilySpec, name: str) -> dict:
     d = spec.data[name]
     # Reader keys a source does not set are left out, so a plan shows (and hashes) only what was said.
-    readers = {k: getattr(d, k) for k in ("hub", "revision", "subset", "format", "system", "on_error")}
+    readers = {k: getattr(d, k) for k in ("hub", "revision", "subset", "format", "system", "on_error", "think")}
+    if d.tasks is not None:
+        readers["tasks"] = list(d.tasks)
     return {"kind": d.kind, "paths": list(d.paths), "field": d.field, "builtin": d.builtin, "split": d.split,
             "mix": d.mix, "stream": d.stream, "shuffle": d.shuffle, "tokens": d.tokens,
             **{k: v for k, v in readers.items() if v is not None}}

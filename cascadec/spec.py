@@ -58,6 +58,10 @@ class ModelSpec:
     arch_provenance: dict = field(default_factory=dict)  # "shape"[.axis] -> where it came from
 
 
+# The problems `builtin: tasks` generates (runtime/data/tasks.py), in their interleaving order.
+BUILTIN_TASKS = ("expr", "sort", "reverse", "function")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataSpec:
     name: str
@@ -73,6 +77,8 @@ class DataSpec:
     format: str | None = None  # what a record is: text (None), chat, preference, prompts
     system: str | None = None  # system prompt for chat records without one
     on_error: str | None = None  # bad records: fail (None) or skip (counted)
+    tasks: tuple[str, ...] | None = None  # builtin tasks: which (all four when the spec names none)
+    think: bool | None = None  # builtin tasks: worked steps inside <think>…</think>
     stream: bool
     shuffle: bool
     tokens: int | None
