@@ -10,7 +10,7 @@ import math
 
 import networkx as nx
 
-from . import judging, mix, resolve
+from . import judging, mix, resolve, rewarding
 from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
 from .shapes import config_errors, param_count, reachable
@@ -109,6 +109,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         if j.model is not None and resolve.lookup(j.model, cps) is None:
             unknown("CSC201", "model", j.model, (*j.at, "model"))
         _check_judge(diag, j)
+        _check_reward_options(diag, j)
 
     # -- models -----------------------------------------------------------------------------
     for m in spec.models.values():
@@ -258,6 +259,8 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                     diag("CSC304", f"odpo '{ref}' is judged by '{j}', a {spec.judges[j].kind} reward; odpo needs a "
                          f"pairwise judge", (*t.at, "judge"),
                          f"name a judge of kind {' or '.join(PAIRWISE)}; {spec.judges[j].kind} scores one answer (grpo)")
+            if t.kind == "grpo":
+                _check_rewards(diag, t, ref, {i: spec.judges[j] for i, j in enumerate(judges) if j in spec.judges})
         if isinstance(t.tokens, Share):
             if spec.budget_tokens is None:
                 diag("CSC215", f"'{ref}' asks for a share of the family budget, but `budget.tokens` is not set",
@@ -502,17 +505,23 @@ def _check_reader(diag, d) -> None:
 
 
 PAIRWISE = ("pairwise_model", "callable")  # judges that compare two answers (odpo); the other kinds score one
+FUNCTION_KINDS = {  # the kinds a Python `function` is, and its contract
+    "callable": "a function f(prompts, a, b, **columns) -> P(a beats b) per pair",
+    "reward_function": "a function f(prompts, completions, **columns) -> one float or None per completion",
+}
 
 
 def _check_judge(diag, j) -> None:
     """CSC300-CSC303: a judge's own options (`function`, `template`) are what the runtime can use."""
     function, template = j.options.get("function"), j.options.get("template")
-    if j.kind == "callable" and function is None:
-        diag("CSC300", f"judge '{j.name}' of kind callable has no `function`", j.at,
-             'add `function: "my_module:my_judge"`, a function f(prompts, a, b, **columns) -> P(a beats b) per pair')
-    elif function is not None and j.kind != "callable":
-        diag("CSC301", f"judge '{j.name}': `function` is for judges of kind callable, not {j.kind}",
-             (*j.at, "function"), "set `kind: callable`, or remove `function`", key=True)
+    if j.kind in FUNCTION_KINDS and function is None:
+        diag("CSC300", f"judge '{j.name}' of kind {j.kind} has no `function`", j.at,
+             f'add `function: "my_module:my_{"judge" if j.kind == "callable" else "reward"}"`, '
+             f"{FUNCTION_KINDS[j.kind]}")
+    elif function is not None and j.kind not in FUNCTION_KINDS:
+        diag("CSC301", f"judge '{j.name}': `function` is for judges of kind callable or reward_function, not {j.kind}",
+             (*j.at, "function"), "set `kind: callable` (a pairwise judge, odpo) or `kind: reward_function` (a grpo "
+             "reward), or remove `function`", key=True)
     elif function is not None and not judging.FUNCTION.match(function):
         diag("CSC301", f"judge '{j.name}': `function` '{function}' is not `module:function`", (*j.at, "function"),
              'write the dotted module path, a colon, then the function name: "my_pkg.judges:prefer"')
@@ -523,9 +532,46 @@ def _check_judge(diag, j) -> None:
         diag("CSC302", f"judge '{j.name}': bad `template`: {error}", (*j.at, "template"),
              "the template shows `{{ conversation }}` and the answers `{{ a }}` and `{{ b }}`, and ends where the "
              "judge answers A or B (docs/runtime.md, \"Preference optimisation\")")
-    if j.kind == "callable" and j.model is not None:
-        diag("CSC303", f"judge '{j.name}' of kind callable takes no `model`", (*j.at, "model"),
-             "a callable judge loads what it needs itself; remove `model`", key=True)
+    if j.kind in FUNCTION_KINDS and j.model is not None:
+        diag("CSC303", f"judge '{j.name}' of kind {j.kind} takes no `model`", (*j.at, "model"),
+             f"a {j.kind} judge loads what it needs itself; remove `model`", key=True)
+
+
+def _check_reward_options(diag, j) -> None:
+    """CSC331, CSC332: a judge's reward options belong to its kind and hold together."""
+    for key in j.options:
+        owners = [k for k, opts in rewarding.OPTIONS.items() if key in opts]
+        if key == "weight" and j.kind not in owners:
+            diag("CSC331", f"judge '{j.name}': `weight` is a grpo reward's, and a {j.kind} judge is not one",
+                 (*j.at, key), "remove `weight`; a pairwise judge compares two answers (odpo), it is not summed", key=True)
+        elif key not in ("function", "weight") and owners and j.kind not in owners:
+            diag("CSC331", f"judge '{j.name}': `{key}` is an option of {' and '.join(owners)} judges, not of {j.kind}",
+                 (*j.at, key), f"remove `{key}`, or set `kind: {owners[0]}`", key=True)
+    o = j.options
+    if j.kind == "length" and isinstance(o.get("max_tokens"), int) and isinstance(o.get("cache_tokens"), int) \
+            and o["cache_tokens"] > o["max_tokens"]:
+        diag("CSC332", f"judge '{j.name}': cache_tokens {o['cache_tokens']:,} exceeds max_tokens {o['max_tokens']:,}",
+             (*j.at, "cache_tokens"), "cache_tokens is the band below max_tokens over which the penalty grows "
+             "from 0 to -1; make it at most max_tokens")
+
+
+def _check_rewards(diag, t, ref: str, judges: dict) -> None:
+    """CSC330, CSC333: each grpo reward (position in `rewards` -> judge) scores one answer, and a
+    length penalty can apply."""
+    for i, j in judges.items():
+        if j.kind not in rewarding.OPTIONS:
+            diag("CSC330", f"grpo '{ref}' is rewarded by '{j.name}', a {j.kind} judge; a grpo reward scores "
+                 f"one answer", (*t.at, "rewards", i), f"name judges of kind {', '.join(rewarding.REWARD_KINDS)}; "
+                 f"{j.kind} judges compare two answers (odpo)")
+        elif j.kind == "length":
+            config, _ = rewarding.resolve(j.kind, j.options, t.settings["generation.max_new_tokens"])
+            longest = t.settings["generation.max_new_tokens"]
+            if isinstance(config["max_tokens"], int) and isinstance(config["cache_tokens"], int) \
+                    and config["max_tokens"] - config["cache_tokens"] >= longest:
+                diag("CSC333", f"the length penalty '{j.name}' starts at {config['max_tokens'] - config['cache_tokens']:,} "
+                     f"tokens, but grpo '{ref}' generates at most {longest:,} (generation.max_new_tokens): it never "
+                     f"applies", (*t.at, "rewards", i), f"lower max_tokens of '{j.name}' to at most {longest:,} (its "
+                     f"default), or raise generation.max_new_tokens", severity="warning")
 
 
 def _check_tasks(diag, d) -> None:

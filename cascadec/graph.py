@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import estimate, mix, resolve
+from . import estimate, mix, resolve, rewarding
 from .shapes import Shape, param_count
 from .source import where
 from .spec import ChildSpec, FamilySpec, Training
@@ -344,6 +344,13 @@ class Builder:
             prov.update(_prov(t.settings, ("generation",)))
             judges = [t.options["judge"]] if "judge" in t.options else list(t.options.get("rewards", []))
             config["judges"] = {j: {"kind": self.spec.judges[j].kind, **self.spec.judges[j].options} for j in judges}
+            if t.kind == "grpo":
+                for j in judges:
+                    if config["judges"][j]["kind"] in rewarding.OPTIONS:
+                        config["judges"][j], defaulted = rewarding.resolve(
+                            self.spec.judges[j].kind, self.spec.judges[j].options, config["generation"]["max_new_tokens"])
+                        prov.update({f"config.judges.{j}.{k}": "default" + (": generation.max_new_tokens" * (
+                            k == "max_tokens")) for k in defaulted})
             for j in judges:
                 if self.spec.judges[j].model is not None:
                     inputs.append(self.checkpoint(f"judge:{j}", resolve.lookup(self.spec.judges[j].model, self.cps).ref))

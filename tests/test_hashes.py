@@ -83,8 +83,8 @@ EDITS = {
     # the 8B's defaults: every 8B training stage changes on its own (calibration has no optimizer)
     "8b-defaults": (ALIAS_8B, "    defaults: {optimizer: {weight_decay: 0.05}}\n" + ALIAS_8B, None),
     # a leaf knob: the 3B reasoning GRPO's clip (the 14B's line carries a comment, so this one is unique)
-    "3b-grpo-clip": ("          seq_len: 81920\n          rewards: [math, code]\n          clip: {low: 0.2, high: 0.28}\n",
-                     "          seq_len: 81920\n          rewards: [math, code]\n          clip: {low: 0.2, high: 0.3}\n",
+    "3b-grpo-clip": ("          seq_len: 81920\n          rewards: [format, math, code, length]\n          clip: {low: 0.2, high: 0.28}\n",
+                     "          seq_len: 81920\n          rewards: [format, math, code, length]\n          clip: {low: 0.2, high: 0.3}\n",
                      {"grpo/ministral-3-3b/reasoning/grpo-stem"}),
 }
 

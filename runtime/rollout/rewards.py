@@ -16,7 +16,7 @@ kind                  value                                       not applicable
 ``math_answer``       1 when the final answer equals ``answer``   no ``answer``   0.9
 ``code_tests``        1 when every test passes (or the fraction)  no ``tests``    0.9
 ``length``            0 … −1 (Magistral eq. 1 ÷ 0.1)              never           0.1
-``callable``          what ``module:function`` returns            its None        1
+``reward_function``   what ``module:function`` returns            its None        1
 ====================  ==========================================  ==============  ========
 
 A gate is graded first, in the calling process: where it gives 0 no other reward is computed
@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from cascadec import rewarding
+
 from . import mathcheck
 from .sandbox import run_tests
 
 Reward = Callable[..., list[float | None]]
 THINK, END_THINK = "<think>", "</think>"
 FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[ \t]*\n(.*?)```", re.DOTALL)
-DEFAULT_WEIGHTS = {"format": 0.1, "math_answer": 0.9, "code_tests": 0.9, "length": 0.1, "callable": 1.0}
 
 
 class RewardError(RuntimeError):
@@ -178,26 +179,29 @@ class CallableReward:
 
 
 def build_reward(name: str, config: dict, model_dir: Path | None = None) -> Reward:
-    """The reward of the plan's ``config.judges[name]`` (its ``kind`` and options)."""
+    """The reward of the plan's ``config.judges[name]`` (its ``kind`` and options; an option the
+    plan lacks takes the default of cascadec/rewarding.py)."""
     kind = config["kind"]
+    if kind not in rewarding.OPTIONS or kind == "rubric_model":
+        raise ValueError(f"judge '{name}' of kind {kind} cannot give a GRPO reward here: the kinds that can are "
+                         f"{', '.join(k for k in rewarding.REWARD_KINDS if k != 'rubric_model')}")
+    c, _ = rewarding.resolve(kind, {k: v for k, v in config.items() if k != "kind"}, None)
     if kind == "format":
-        return FormatGate(think=config.get("think", True))
+        return FormatGate(think=c["think"])
     if kind == "math_answer":
         return MathAnswer()
     if kind == "code_tests":
-        return CodeTests(timeout_s=config.get("timeout_s", 4.0), memory_mb=config.get("memory_mb", 300),
-                         fraction=config.get("fraction", False))
+        return CodeTests(timeout_s=c["timeout_s"], memory_mb=c["memory_mb"], fraction=c["fraction"])
     if kind == "length":
-        return LengthPenalty(max_tokens=config["max_tokens"], cache_tokens=config["cache_tokens"])
-    if kind == "callable":
-        return CallableReward(config["function"])
-    raise ValueError(f"judge '{name}' of kind {kind} cannot give a GRPO reward here: the kinds that can are "
-                     f"{', '.join(DEFAULT_WEIGHTS)}")
+        if "max_tokens" not in c:
+            raise ValueError(f"judge '{name}': a length reward needs `max_tokens` (the plan sets it from the stage)")
+        return LengthPenalty(max_tokens=c["max_tokens"], cache_tokens=c["cache_tokens"])
+    return CallableReward(c["function"])
 
 
 def build_rewards(judges: dict[str, dict]) -> dict[str, tuple[Reward, float]]:
-    """Every reward of a stage's ``config.judges``, with its weight (the spec's, else the kind's default)."""
-    return {name: (build_reward(name, c), float(c.get("weight", DEFAULT_WEIGHTS.get(c["kind"], 1.0))))
+    """Every reward of a stage's ``config.judges``, with its weight (the plan's, else the kind's default)."""
+    return {name: (build_reward(name, c), float(c.get("weight", rewarding.OPTIONS[c["kind"]]["weight"])))
             for name, c in judges.items()}
 
 

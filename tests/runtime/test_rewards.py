@@ -133,7 +133,7 @@ def test_gate_stops_grading(tmp_path, monkeypatch):
     seen = tmp_path / "seen.txt"
     monkeypatch.setenv("CASCADEC_TEST_SEEN", str(seen))
     rewards = build_rewards({"format": {"kind": "format"}, "math": {"kind": "math_answer"},
-                             "spy": {"kind": "callable", "function": "test_rewards:seen_by_workers", "weight": 0.2},
+                             "spy": {"kind": "reward_function", "function": "test_rewards:seen_by_workers", "weight": 0.2},
                              "length": {"kind": "length", "max_tokens": 8, "cache_tokens": 4}})
     completions = ["<think>a</think>\\boxed{4}", "\\boxed{4}", "<think>b</think>\\boxed{5}"]
     ids = [[1] * 3, [1] * 20, [1] * 7]
@@ -165,7 +165,7 @@ def test_score_in_workers_equals_in_process():
     rewards = build_rewards({"format": {"kind": "format"}, "math": {"kind": "math_answer"},
                              "code": {"kind": "code_tests", "timeout_s": 5},
                              "length": {"kind": "length", "max_tokens": 30, "cache_tokens": 10},
-                             "tagged": {"kind": "callable", "function": "test_rewards:only_tagged"}})
+                             "tagged": {"kind": "reward_function", "function": "test_rewards:only_tagged"}})
     base = [("<think>t</think>\\boxed{4}", "4", None), ("<think>t</think>\\boxed{5}", "4", None),
             (CODE_OK, None, TESTS), (CODE_WRONG, None, TESTS), ("<think>yes</think>yes", None, None),
             ("broken \\boxed{4}", "4", None), ("<think>t</think>\\boxed{\\frac{8}{2}}", "4", None)]
@@ -196,3 +196,32 @@ def test_bad_reward_is_a_located_error(function, message, workers):
     with pytest.raises(RewardError) as e:
         score(rewards, [[], []], ["a", "b"], {}, workers=workers)
     assert str(e.value) == message
+
+
+def test_the_plan_s_rewards_build_with_magistral_weights():
+    """specs/ministral3.yaml's grpo-stem: the plan carries every resolved reward option, and the
+    runtime builds exactly those rewards (the compiler and runtime share cascadec/rewarding.py)."""
+    from cascadec.compile import compile_file
+
+    repo = Path(__file__).resolve().parents[2]
+    stage = next(s for s in compile_file(str(repo / "specs" / "ministral3.yaml")).plan["stages"]
+                 if s["id"] == "grpo/ministral-3-3b/reasoning/grpo-stem")
+    assert stage["config"]["judges"] == {
+        "format": {"kind": "format", "think": True, "weight": 0.1},
+        "math": {"kind": "math_answer", "weight": 0.9},
+        "code": {"kind": "code_tests", "timeout_s": 10, "memory_mb": 2048, "fraction": False, "weight": 0.9},
+        "length": {"kind": "length", "max_tokens": 65536, "cache_tokens": 13107, "weight": 0.1}}
+    assert stage["config"]["generation"]["max_new_tokens"] == 65536
+    assert stage["provenance"]["config.judges.length.max_tokens"] == "default: generation.max_new_tokens"
+    rewards = build_rewards(stage["config"]["judges"])
+    assert {k: (r, w) for k, (r, w) in rewards.items()} == {
+        "format": (FormatGate(think=True), 0.1), "math": (MathAnswer(), 0.9),
+        "code": (CodeTests(timeout_s=10, memory_mb=2048, fraction=False), 0.9),
+        "length": (LengthPenalty(max_tokens=65536, cache_tokens=13107), 0.1)}
+
+
+def test_kinds_that_give_no_reward_are_refused():
+    with pytest.raises(ValueError) as e:
+        build_rewards({"pwrm": {"kind": "pairwise_model"}})
+    assert str(e.value) == ("judge 'pwrm' of kind pairwise_model cannot give a GRPO reward here: the kinds that can "
+                            "are format, math_answer, code_tests, length, reward_function")
