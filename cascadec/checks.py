@@ -524,7 +524,8 @@ def _check_judge(diag, j) -> None:
              "reward), or remove `function`", key=True)
     elif function is not None and not judging.FUNCTION.match(function):
         diag("CSC301", f"judge '{j.name}': `function` '{function}' is not `module:function`", (*j.at, "function"),
-             'write the dotted module path, a colon, then the function name: "my_pkg.judges:prefer"')
+             "write the dotted module path, a colon, then the function name: "
+             + ('"my_pkg.rewards:score"' if j.kind == "reward_function" else '"my_pkg.judges:prefer"'))
     if template is not None and j.kind != "pairwise_model":
         diag("CSC302", f"judge '{j.name}': `template` is the prompt of a pairwise_model judge, not of {j.kind}",
              (*j.at, "template"), "remove `template`", key=True)

@@ -57,8 +57,9 @@ def test_an_lm_judge_template_and_batch_size_reach_the_plan_and_the_hash():
      ["15:33: error[CSC301]: judge 'j': `function` 'rules:prefer-shorter' is not `module:function` | "
       'write the dotted module path, a colon, then the function name: "my_pkg.judges:prefer"']),
     ('j: {kind: pairwise_model, model: pwrm, function: "rules:prefer"}', "j",
-     ["15:42: error[CSC301]: judge 'j': `function` is for judges of kind callable, not pairwise_model | "
-      "set `kind: callable`, or remove `function`"]),
+     ["15:42: error[CSC301]: judge 'j': `function` is for judges of kind callable or reward_function, not "
+      "pairwise_model | set `kind: callable` (a pairwise judge, odpo) or `kind: reward_function` (a grpo reward), "
+      "or remove `function`"]),
     ('j: {kind: pairwise_model, model: pwrm, template: "{{ a }} or {{ c }}?"}', "j",
      ["15:52: error[CSC302]: judge 'j': bad `template`: the template uses 'c'; it may use conversation, "
       f"messages, a, b | {TEMPLATE_HELP}"]),
