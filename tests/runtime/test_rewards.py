@@ -225,3 +225,23 @@ def test_kinds_that_give_no_reward_are_refused():
         build_rewards({"pwrm": {"kind": "pairwise_model"}})
     assert str(e.value) == ("judge 'pwrm' of kind pairwise_model cannot give a GRPO reward here: the kinds that can "
                             "are format, math_answer, code_tests, length, reward_function")
+
+
+def test_builtin_tasks_are_graded_by_the_stock_rewards():
+    """runtime/data/tasks.py writes answers in the rewards' conventions: its reference responses
+    earn the full Magistral reward (1.0 with thinking), its wrong ones only the format's 0.1."""
+    from cascadec.runtime.data import tasks
+
+    rewards = build_rewards({"format": {"kind": "format"}, "math": {"kind": "math_answer"},
+                             "code": {"kind": "code_tests", "timeout_s": 10}})
+    weights = {k: w for k, (_, w) in rewards.items()}
+    problems = [p for t in tasks.TASKS for p in tasks.problems(t, "heldout", 2)]
+    prompts = [[{"role": "user", "content": p.prompt}] for p in problems]
+    columns = {"answer": [p.answer for p in problems], "tests": [p.tests and list(p.tests) for p in problems]}
+    right = score(rewards, prompts, [p.response(think=True) for p in problems], columns, workers=2)
+    wrong = score(rewards, prompts, [p.response(think=True, final=p.wrong) for p in problems], columns, workers=2)
+    assert total(right, weights) == pytest.approx([1.0] * len(problems))
+    assert total(wrong, weights) == pytest.approx([0.1] * len(problems))
+    plain = score({"format": (FormatGate(think=False), 0.1)}, prompts, [p.response() for p in problems], columns,
+                  workers=0)
+    assert plain == {"format": [1.0] * len(problems)}
