@@ -1,7 +1,9 @@
 """The one training loop: distill, teacher-free control/bootstrap, and sft all call `train`.
 
-Owns the optimiser, schedule, step checkpoints (resume), metrics and the final save. It must not
-load models or choose data: stages do that and hand it a model, a tokenizer and a source.
+Owns the step of next-token, distillation and sft training. It must not load models or choose
+data: stages do that and hand it a model, a tokenizer and a source. The pieces every training loop
+shares (optimiser, schedule, step checkpoints, metrics, final save) are `loop.py`'s, also used by
+the dpo and odpo stages.
 
 The loop takes micro-batches of (input_ids, labels, position_ids) from a batch source: windows of
 the token stream with next-token labels (`StreamBatches`: distill, control, bootstrap), or packed
@@ -14,26 +16,21 @@ trained tokens), not the mean of per-micro-batch means, which would weight a tok
 conversation above one of a long one. When every micro-batch trains as many tokens (the stream)
 the weight is exactly 1.
 
-A step checkpoint is `accelerator.save_state` (model, optimiser, RNG) plus the scheduler and the
-data position (under `strategy: fsdp`, DCP shards and per-rank state: `fsdp.py`), written to
-``scratch/checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete, so the newest
-``step-*`` is always loadable. A run killed at any moment restarts from
-it, reads the same tokens (sharding depends only on the step) and, on CPU with fixed seeds,
-reaches bit-identical weights.
+A step checkpoint holds the model, optimiser, RNG, the scheduler and the data position (under
+`strategy: fsdp`, DCP shards and per-rank state: `fsdp.py`). A run killed at any moment restarts
+from the newest, reads the same tokens (sharding depends only on the step) and, on CPU with
+fixed seeds, reaches bit-identical weights.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator  # noqa: F401  (tests patch Accelerator.autocast through this module)
 from accelerate.utils import gather_object, set_seed
 
 from .. import preempt
@@ -41,9 +38,12 @@ from ..context import StageContext
 from ..progress import Progress
 from . import fsdp
 from ..data.packing import MicroBatch, PackedBatches
-from ..data.stream import (DataPosition, MixStream, Window, copy_tokenizer_files, micro_batches, per_process,
+from ..data.stream import (DataPosition, MixStream, Window, micro_batches, per_process,
                            source_tokens, stage_stream, tokenizer_fingerprint)
 from .kd import IGNORE_INDEX, LossSpec, Teacher, chunked_loss
+from .loop import (SAVE_DTYPES, accelerator as make_accelerator, agreed, checkpoint_dir, clip, due,  # noqa: F401
+                   finish_trackers, latest, log_dir, log_metrics, lr_factor, make_optimizer, mixed_precision,
+                   on_cpu, open_metrics, save_checkpoint, save_dtype, save_final, tracker_name)
 from .topk_cache import TopKCache, ids_digest
 
 
@@ -120,46 +120,9 @@ class StreamBatches:
         return ids_digest(self.stream, self.window.offset, self.window.offset + n * self.window.seq_len)
 
 
-def lr_factor(step: int, *, kind: str, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier at optimiser step ``step`` (0-based): linear warmup, then the decay ``kind``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    if kind == "constant":
-        return 1.0
-    if kind == "linear":
-        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
-    if kind == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {kind!r}; expected cosine, linear or constant")
-
-
-def on_cpu() -> bool:
-    """Without CUDA, processes started by `accelerate launch` must join a gloo group on the CPU
-    (Accelerate only does so when told ``cpu=True``; otherwise each would run alone)."""
-    return not torch.cuda.is_available()
-
-
-def mixed_precision(precision: str) -> str:
-    """Accelerate's ``mixed_precision`` for the plan's precision on this machine (fp32 on CPU)."""
-    if precision in ("bf16", "fp16") and torch.cuda.is_available():
-        if precision == "fp16" or torch.cuda.is_bf16_supported():
-            return precision
-    return "no"
-
-
 def teacher_dtype(config: dict) -> torch.dtype:
     """The frozen teacher runs in bf16 where the stage trains in bf16 on a GPU, else fp32."""
     return torch.bfloat16 if mixed_precision(config.get("precision", "fp32")) == "bf16" else torch.float32
-
-
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def save_dtype(precision: str) -> torch.dtype:
-    """Trained checkpoints are written in the plan's precision (bf16 runs give bf16 weights, as the
-    checkpoints they start from), whatever the machine computed in."""
-    return SAVE_DTYPES.get(precision or "fp32", torch.float32)
 
 
 def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=None, teacher_dir: Path | None = None,
@@ -188,9 +151,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
 
     # 1. Processes, precision, trackers; the data window is tokenised once (main process first).
     #    Under fsdp the mixed-precision policy of `fully_shard` casts, not Accelerate's autocast.
-    accelerator = Accelerator(cpu=on_cpu(), mixed_precision="no" if sharded else compute,
-                              log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
-                              project_dir=str(log_dir(ctx)))
+    accelerator = make_accelerator(ctx, "no" if sharded else compute)
     own_group = sharded and fsdp.init_process_group(accelerator.device)
     set_seed(int(config.get("seed", 0)))
     accum = per_process(window.global_batch, accelerator.num_processes, micro) // micro
@@ -228,15 +189,15 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
     if sharded:  # one unit per decoder layer; the optimiser is built on the shards
         fsdp.shard(objective, accelerator.device, mp=fsdp.policy(compute))
         placement["student_params_per_rank"] = fsdp.gathered(fsdp.local_params(objective))
-        optimizer, scheduler = _optimizer(objective.model, opt_cfg, sched_cfg, window.steps)
+        optimizer, scheduler = make_optimizer(objective.model, opt_cfg, sched_cfg, window.steps)
     else:
-        optimizer, scheduler = _optimizer(model, opt_cfg, sched_cfg, window.steps)
+        optimizer, scheduler = make_optimizer(model, opt_cfg, sched_cfg, window.steps)
         objective, optimizer = accelerator.prepare(objective, optimizer)
         accelerator.register_for_checkpointing(scheduler, position)
 
     # 3. Resume from the newest complete step checkpoint, if any.
-    checkpoints = _checkpoint_dir(ctx, accelerator)
-    resumed = _latest(checkpoints)
+    checkpoints = checkpoint_dir(ctx, accelerator)
+    resumed = latest(checkpoints)
     if resumed and sharded:
         extra = fsdp.load_state(resumed, objective, optimizer)
         scheduler.load_state_dict(extra["scheduler"])
@@ -245,8 +206,8 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
         accelerator.load_state(str(resumed))
     if resumed:
         ctx.log(f"resumed from {resumed.name}: step {position.step}, {position.tokens:,} tokens")
-    metrics_file = _metrics_file(ctx, position.step, accelerator)
-    accelerator.init_trackers(_tracker_name(ctx))
+    metrics_file = open_metrics(ctx, position.step, accelerator)
+    accelerator.init_trackers(tracker_name(ctx))
 
     # 4. The loop.
     start, started = position.step, time.perf_counter()
@@ -278,7 +239,7 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
             total += loss.detach() / accum
             for k, v in _unwrapped(accelerator, objective, sharded).parts.items():
                 terms[k] = terms.get(k, 0.0) + v * weight / accum
-        grad_norm = _clip(accelerator, objective, opt_cfg.get("grad_clip"), sharded)
+        grad_norm = clip(accelerator, objective, opt_cfg.get("grad_clip"), sharded)
         step_lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -297,34 +258,27 @@ def train(ctx: StageContext, model, tokenizer, tokenizer_dir: Path, *, teacher=N
                           epoch=data.order.epochs(position.step * window.global_batch))
             shown = {**{k: f"{v:.4f}" for k, v in parts.items()}, "trained": f"{record['trained_share']:.0%}",
                      "epoch": f"{record['epoch']:.2f}"}
-        _log_metrics(accelerator, metrics_file, record)
+        log_metrics(accelerator, metrics_file, record)
         bar.update(1, loss=f"{loss_value:.4f}", **shown, tok_s=f"{rate:,.0f}")
-        stop = position.step < window.steps and _agreed(accelerator, preempt.requested(ctx.scratch))
-        if stop or _due(position.step, window.steps, ckpt_cfg):
+        stop = position.step < window.steps and agreed(accelerator, preempt.requested(ctx.scratch))
+        if stop or due(position.step, window.steps, ckpt_cfg):
             state = (objective, optimizer, {"scheduler": scheduler.state_dict(), "position": position.state_dict()})
-            _save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)),
-                             state if sharded else None)
+            save_checkpoint(accelerator, checkpoints, position.step, int(ckpt_cfg.get("keep", 2)),
+                            state if sharded else None)
         if stop:  # SIGUSR1 before a Slurm time limit: the requeued job resumes here (runtime/preempt.py)
             raise preempt.Preempted(position.step)
     bar.close()
-    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
-        tracker.finish()
+    finish_trackers(accelerator)
 
     # 5. The final model, loadable by `AutoModelForCausalLM.from_pretrained`, in the plan's precision.
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - started
     dtype = save_dtype(config.get("precision"))
     trained_context(model, config, window)
-    if sharded:
+    if sharded:  # gathered and streamed by rank 0; save_final adds the tokenizer and metrics
         fsdp.save_pretrained(objective.model, Path(ctx.out) / "model", dtype)
-    elif accelerator.is_main_process:
-        trained = accelerator.unwrap_model(objective).model.to(dtype)
-        trained.save_pretrained(Path(ctx.out) / "model", safe_serialization=True)
-    if accelerator.is_main_process:
-        if not copy_tokenizer_files(tokenizer_dir, Path(ctx.out) / "model"):
-            tokenizer.save_pretrained(Path(ctx.out) / "model")
-        shutil.copyfile(metrics_file, Path(ctx.out) / "metrics.jsonl")
-    accelerator.wait_for_everyone()
+    save_final(ctx, accelerator, None if sharded else accelerator.unwrap_model(objective).model, dtype, tokenizer,
+               tokenizer_dir, metrics_file)
     if own_group:
         torch.distributed.destroy_process_group()
     trained_tokens = (window.steps - start) * window.seq_len * window.global_batch
@@ -350,27 +304,6 @@ def trained_context(model, config: dict, window: Window) -> None:
     windows the model never saw (a parent bootstrapped at 128 tokens must not claim 2,048)."""
     if not (config.get("rope") or {}).get("max_position_embeddings"):
         model.config.get_text_config().max_position_embeddings = window.seq_len
-
-
-def log_dir(ctx: StageContext) -> Path:
-    """TensorBoard's folder: `WORKDIR/logs/<stage id>/`, which outlives the stage's scratch (removed
-    when the stage succeeds) and is not one of its hashed outputs; scratch when there is no workspace."""
-    if ctx.workdir is None:
-        return Path(ctx.scratch)
-    return Path(ctx.workdir) / "logs" / str(ctx.stage.get("id", "stage"))
-
-
-def _optimizer(model, opt_cfg: dict, sched_cfg: dict, steps: int):
-    """AdamW (no weight decay on norms and biases) and its LambdaLR schedule."""
-    lr, decay = float(opt_cfg.get("lr", 3e-4)), float(opt_cfg.get("weight_decay", 0.0))
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
-                                  eps=float(opt_cfg.get("eps", 1e-8)))
-    shape = dict(kind=sched_cfg.get("kind", "cosine"), warmup=int(sched_cfg.get("warmup_steps", 0)), total=steps,
-                 min_ratio=float(opt_cfg.get("min_lr", 0.0)) / lr if lr else 0.0)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **shape))
 
 
 def _check_vocab(teacher, student) -> None:
@@ -437,78 +370,3 @@ def _teacher_side(teacher, cache: TopKCache | None, input_ids, position_ids, ind
     with torch.no_grad():
         hidden, weight = teacher(input_ids, position_ids)
     return {"hidden": hidden, "weight": weight}
-
-
-def _clip(accelerator, objective, grad_clip, sharded: bool) -> float | None:
-    if not grad_clip:
-        return None
-    if sharded:
-        return fsdp.clip(objective, float(grad_clip))
-    return float(accelerator.clip_grad_norm_(objective.parameters(), float(grad_clip)))
-
-
-def _due(step: int, steps: int, ckpt_cfg: dict) -> bool:
-    every = int(ckpt_cfg.get("every_steps") or 0)
-    return every > 0 and step % every == 0 and step < steps
-
-
-def _agreed(accelerator, asked: bool) -> bool:
-    """True on every rank when any rank was asked to stop: all must checkpoint the same step."""
-    if accelerator.num_processes == 1:
-        return asked
-    flag = torch.tensor(float(asked), device=accelerator.device)
-    return accelerator.reduce(flag, "sum").item() > 0
-
-
-def _checkpoint_dir(ctx: StageContext, accelerator) -> Path:
-    """``scratch/checkpoints`` without half-written saves (the executor empties scratch when the
-    stage's hash changes, so every checkpoint here belongs to this configuration)."""
-    path = Path(ctx.scratch) / "checkpoints"
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob(".tmp-step-*"):
-            shutil.rmtree(stale)  # a save interrupted by a kill
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _latest(checkpoints: Path) -> Path | None:
-    done = sorted(checkpoints.glob("step-*"))
-    return done[-1] if done else None
-
-
-def _save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int, sharded_state=None) -> None:
-    """``sharded_state``: (model, optimizer, extras) of an fsdp stage, saved with DCP."""
-    tmp, final = checkpoints / f".tmp-step-{step:08d}", checkpoints / f"step-{step:08d}"
-    if sharded_state is not None:
-        fsdp.save_state(tmp, *sharded_state)
-    else:
-        accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp.rename(final)  # atomic: only complete checkpoints carry the step-* name
-        for old in sorted(checkpoints.glob("step-*"))[:-max(keep, 1)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _metrics_file(ctx: StageContext, step: int, accelerator) -> Path:
-    """The JSONL of per-step metrics, cut back to ``step`` so a resumed run does not repeat lines."""
-    path = Path(ctx.metrics_file or Path(ctx.scratch) / "metrics.jsonl")
-    if accelerator.is_main_process:
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in kept))
-    return path
-
-
-def _log_metrics(accelerator, path: Path, record: dict) -> None:
-    accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
-    if accelerator.is_main_process:
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _tracker_name(ctx: StageContext) -> str:
-    return str(ctx.stage.get("id", "stage")).replace("/", "_")
