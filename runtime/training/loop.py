@@ -16,13 +16,16 @@ import importlib.util
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from .. import preempt
 from ..context import StageContext
 from ..data.stream import copy_tokenizer_files
+from ..progress import Progress
 from . import fsdp
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -194,3 +197,71 @@ def save_final(ctx: StageContext, accelerator, model, dtype: torch.dtype, tokeni
             ensure_template(out)
         shutil.copyfile(metrics, Path(ctx.out) / "metrics.jsonl")
     accelerator.wait_for_everyone()
+
+
+class StepState:
+    """The optimiser steps done, plus what a loop must carry across a resume (``extra``: numbers
+    such as odpo's starting win rate); saved with every step checkpoint (Accelerate custom state)."""
+
+    def __init__(self, **extra):
+        self.step = 0
+        self.extra = dict(extra)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, **self.extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.step = int(state.pop("step"))
+        self.extra.update(state)
+
+
+def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, state: StepState, total: int,
+              one_step, *, before=None, after=None) -> dict:
+    """The step loop of the preference stages (dpo, odpo), with resume, checkpoints and metrics.
+
+    Registers ``scheduler`` and ``state`` for checkpointing, resumes from the newest step
+    checkpoint, then for each remaining step calls ``one_step(step) -> (record, postfix)`` (the
+    forward and backward passes of optimiser step ``step``, 0-based; its metrics, and what the
+    progress line shows), clips, steps the optimiser and schedule, calls ``after(steps_done)``
+    (metrics measured on the updated model, merged into the record), logs, and checkpoints when due
+    or asked to stop. ``before(start_step)`` runs once after the resume. Returns the start step,
+    the wall time and the last record.
+    """
+    config = ctx.config
+    ckpt_cfg, grad_clip = config.get("checkpoint") or {}, (config.get("optimizer") or {}).get("grad_clip")
+    accelerator.register_for_checkpointing(scheduler, state)
+    checkpoints = checkpoint_dir(ctx, accelerator)
+    resumed = latest(checkpoints)
+    if resumed:
+        accelerator.load_state(str(resumed))
+        ctx.log(f"resumed from {resumed.name}: step {state.step}")
+    metrics = open_metrics(ctx, state.step, accelerator)
+    accelerator.init_trackers(tracker_name(ctx))
+    start, started = state.step, time.perf_counter()
+    if before is not None:
+        before(start)
+    bar = Progress(total, initial=start, what=str(ctx.stage.get("id", "train")), log=ctx.log,
+                   enabled=accelerator.is_main_process)
+    record: dict = {}
+    for step in range(start, total):
+        record, postfix = one_step(step)
+        grad_norm = clip(accelerator, objective, grad_clip)
+        step_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step + 1
+        record = {"step": state.step, **record, "lr": step_lr, "grad_norm": grad_norm,
+                  **(after(state.step) if after is not None else {})}
+        log_metrics(accelerator, metrics, record)
+        bar.update(1, **postfix)
+        stop = state.step < total and agreed(accelerator, preempt.requested(ctx.scratch))
+        if stop or due(state.step, total, ckpt_cfg):
+            save_checkpoint(accelerator, checkpoints, state.step, int(ckpt_cfg.get("keep", 2)))
+        if stop:  # SIGUSR1 before a Slurm time limit: the requeued job resumes here (runtime/preempt.py)
+            raise preempt.Preempted(state.step)
+    bar.close()
+    finish_trackers(accelerator)
+    accelerator.wait_for_everyone()
+    return {"start": start, "wall": time.perf_counter() - started, "record": record, "metrics": metrics}

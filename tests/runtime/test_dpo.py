@@ -1,0 +1,115 @@
+"""The offline dpo stage on a toy preference set: the loss falls from log(2)/β, the reference
+log-probs are the starting model's and are computed once, resume is exact, the model loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cascadec.runtime import preempt
+from cascadec.runtime.context import StageContext
+from cascadec.runtime.data.chat import DEFAULT_TEMPLATE
+from cascadec.runtime.stages import dpo
+from cascadec.runtime.training import pairs
+
+ANSWERS = ["return a + b", "self.items = []", "print(i * i, 'squared')", "The quick brown fox", "12 + 30 = 42",
+           "def push(self, x):"]
+DPO = {
+    "id": "dpo/tiny/instruct/dpo", "kind": "dpo", "hash": "test",
+    "config": {
+        "seq_len": 40, "global_batch": 5, "micro_batch": 1, "steps": 6, "beta": 0.5,
+        "data": {"name": "prefs", "offset": 0, "shuffle": True},
+        "optimizer": {"name": "adamw", "lr": 3e-3, "min_lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                      "weight_decay": 0.0, "grad_clip": 1.0},
+        "schedule": {"kind": "cosine", "warmup_steps": 1}, "checkpoint": {"every_steps": 3, "keep": 2},
+        "seed": 0, "precision": "fp32", "activation_checkpointing": False, "tokens": 1200,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory) -> dict:
+    """Ten pairs, and one whose prompt alone is longer than the window (dropped)."""
+    root = tmp_path_factory.mktemp("prefs")
+    with (root / "p.jsonl").open("w") as f:
+        for i in range(10):
+            good, bad = ANSWERS[i % 3], ANSWERS[3 + (i + 1) % 3]  # the first three are always preferred
+            f.write(json.dumps({"prompt": f"{i}: say {good[:6]}", "chosen": good, "rejected": bad}) + "\n")
+        f.write(json.dumps({"prompt": "def add(a, b): " * 20, "chosen": "x", "rejected": "y"}) + "\n")
+    return {"kind": "jsonl", "paths": [str(root / "*.jsonl")], "format": "preference", "name": "prefs"}
+
+
+def context(tmp: Path, policy: Path, prefs: dict, **config) -> StageContext:
+    stage = copy.deepcopy(DPO)
+    stage["config"].update(config)
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    return StageContext(stage=stage, inputs={"policy": policy}, data={"prefs": prefs}, out=tmp / "out",
+                        scratch=tmp / "scratch", log=lambda msg: None)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_lowers_the_loss_from_log2_over_beta_and_saves_a_loadable_model(tiny_models, prefs, tmp_path):
+    ctx = context(tmp_path, tiny_models["student"], prefs)
+    metrics = dpo.run(ctx)
+    assert (metrics["pairs"], metrics["dropped"], metrics["pairs_seen"], metrics["epochs"]) == (10, 1, 30, 3.0)
+    assert metrics["reference_logps"] == "computed"
+    losses = [r["loss"] for r in records(ctx.out)]
+    # step 1: the policy is the reference, Δ = 0, so the rescaled loss is log(2)/β exactly
+    assert losses[0] == pytest.approx(math.log(2) / 0.5, rel=1e-5)
+    assert losses[-1] < 0.1 * losses[0]
+    assert records(ctx.out)[-1]["margin"] > 0 and records(ctx.out)[-1]["accuracy"] == 1.0
+    loaded = AutoModelForCausalLM.from_pretrained(ctx.out / "model")
+    before = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
+    assert AutoTokenizer.from_pretrained(ctx.out / "model").chat_template == DEFAULT_TEMPLATE
+
+
+def test_reference_logps_are_the_starting_models_and_a_rerun_reads_them_from_the_cache(tiny_models, prefs, tmp_path,
+                                                                                         monkeypatch):
+    reference = context(tmp_path / "ref", tiny_models["student"], prefs)
+    dpo.run(reference)
+    [cache] = (tmp_path / "ref" / "scratch" / dpo.CACHE).iterdir()
+    values = load_file(str(cache))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    pairs_, _ = dpo.read_pairs(reference, tokenizer, 40)
+    start = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float64)
+    for i, (a, b) in enumerate(pairs_):
+        for side, example in (("chosen", a), ("rejected", b)):
+            ids = torch.tensor([example.ids])
+            logp = torch.log_softmax(start(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            direct = (logp * torch.tensor(example.mask[1:])).sum().item()
+            assert values[side][i].item() == pytest.approx(direct, abs=1e-4)
+
+    # a run stopped on request after step 1, then resumed: the reference never runs again
+    ctx = context(tmp_path / "run", tiny_models["student"], prefs)
+    ctx.scratch.mkdir(parents=True)
+    (ctx.scratch / preempt.STOP_FILE).write_text("")
+    with pytest.raises(preempt.Preempted):
+        dpo.run(ctx)
+    preempt.clear(ctx.scratch)
+    calls = []
+    monkeypatch.setattr(pairs, "logps", lambda *a, **k: calls.append(1))
+    metrics = dpo.run(ctx)
+    assert (metrics["reference_logps"], metrics["resumed_from_step"], calls) == ("cached", 1, [])
+    a, b = load_file(str(reference.out / "model" / "model.safetensors")), load_file(str(ctx.out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(reference.out)] == [r["loss"] for r in records(ctx.out)]
+
+
+def test_fsdp_is_refused_with_the_fix(tiny_models, prefs, tmp_path):
+    ctx = context(tmp_path, tiny_models["student"], prefs)
+    ctx.stage["launch"] = {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "fsdp"}
+    with pytest.raises(ValueError, match=r"^dpo stages run in one process or under strategy ddp in this runtime, "
+                                         r"not fsdp \(stage dpo/tiny/instruct/dpo\); set `resources.strategy: ddp` "
+                                         r"on the step$"):
+        dpo.run(ctx)
