@@ -225,7 +225,8 @@ def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, s
     forward and backward passes of optimiser step ``step``, 0-based; its metrics, and what the
     progress line shows), clips, steps the optimiser and schedule, calls ``after(steps_done)``
     (metrics measured on the updated model, merged into the record), logs, and checkpoints when due
-    or asked to stop. ``before(start_step)`` runs once after the resume. Returns the start step,
+    or asked to stop. ``before(start_step)`` runs once after the resume; a dict it returns is
+    logged as the record of ``start_step``. Returns the start step,
     the wall time and the last record.
     """
     config = ctx.config
@@ -239,8 +240,8 @@ def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, s
     metrics = open_metrics(ctx, state.step, accelerator)
     accelerator.init_trackers(tracker_name(ctx))
     start, started = state.step, time.perf_counter()
-    if before is not None:
-        before(start)
+    if before is not None and (first := before(start)):
+        log_metrics(accelerator, metrics, {"step": start, **first})
     bar = Progress(total, initial=start, what=str(ctx.stage.get("id", "train")), log=ctx.log,
                    enabled=accelerator.is_main_process)
     record: dict = {}
