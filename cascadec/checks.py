@@ -261,6 +261,15 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                          f"name a judge of kind {' or '.join(PAIRWISE)}; {spec.judges[j].kind} scores one answer (grpo)")
             if t.kind == "grpo":
                 _check_rewards(diag, t, ref, {i: spec.judges[j] for i, j in enumerate(judges) if j in spec.judges})
+            new = t.settings["generation.max_new_tokens"]
+            if t.seq_len and new >= t.seq_len:
+                diag("CSC320", f"{t.kind} '{ref}' generates up to {new:,} tokens in a window of seq_len {t.seq_len:,}: "
+                     "no room is left for the prompt", t.settings.at.get("generation.max_new_tokens", (*t.at, "seq_len")),
+                     "raise `seq_len` to the longest prompt plus `generation.max_new_tokens`, or lower the latter")
+            if t.kind == "odpo" and t.settings["generation.samples"] != 2:
+                diag("CSC321", f"odpo '{ref}' asks for {t.settings['generation.samples']} samples per prompt; online DPO "
+                     "judges one pair", t.settings.at.get("generation.samples", t.at),
+                     "set `generation: {samples: 2}` (several samples per prompt are grpo's)")
         if isinstance(t.tokens, Share):
             if spec.budget_tokens is None:
                 diag("CSC215", f"'{ref}' asks for a share of the family budget, but `budget.tokens` is not set",

@@ -36,7 +36,7 @@ DEFAULTS = {
     "checkpoint.every_steps": 1000, "checkpoint.keep": 2,
     "seed": 0,
     "generation.samples": 2, "generation.temperature": 0.7, "generation.top_p": 1.0,
-    "generation.max_new_tokens": 1024,
+    "generation.max_new_tokens": 1024, "generation.stop": [],
     "calibration.data": None, "calibration.samples": 1024, "calibration.seq_len": 2048,
     "calibration.batch_size": 8,
 }
@@ -89,7 +89,7 @@ def _training(raw: dict, kind: str, at: tuple, inherited: Settings, assumed: lis
     settings = _inherit(inherited, raw, at, assumed)
     options = {}
     for key in ("rope", "max_position_embeddings", "assistant_only", "judge", "rewards", "clip",
-                "strip_thinking"):
+                "strip_thinking", "win_rate"):
         if key in raw:
             options[key] = raw[key]
     if "beta" in raw:
