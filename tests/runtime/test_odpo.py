@@ -177,3 +177,25 @@ def test_two_processes_match_one(policy, prompts, tmp_path):
     a, b = weights(one.out), weights(two.out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_bf16_runs_under_autocast_with_a_bf16_reference_and_saves_bf16(policy, prompts, tmp_path, monkeypatch):
+    """precision bf16 forced on the CPU (Accelerate autocasts there as on a GPU): generation,
+    the bf16 reference, the loss and the save all take the bf16 path."""
+    from accelerate.state import AcceleratorState
+
+    from cascadec.runtime.training import loop
+
+    monkeypatch.setattr(loop, "mixed_precision", lambda precision: "bf16")
+    ctx = context(tmp_path, stage(steps=2, precision="bf16", win_rate={"prompts": 4, "every_steps": 1}), policy,
+                  prompts)
+    AcceleratorState._reset_state(True)  # the process-wide state holds one precision
+    try:
+        metrics = odpo.run(ctx)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert metrics["dtype"] == "bfloat16"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(ctx.out)[1:])
+    assert records(ctx.out)[1]["loss"] == pytest.approx(0.6931471805599453 / 0.1, rel=1e-2)
+    assert {v.dtype for v in weights(ctx.out).values()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(ctx.out / "model").dtype == torch.bfloat16
