@@ -19,84 +19,58 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from ..context import StageContext
 from ..data import chat
 from ..data.readers import Skips, source_files
 from ..training import loop, pairs
-from ..training.models import load_model
 
 CACHE = "reference"  # scratch/<CACHE>/<key>.safetensors
 
 
 def run(ctx: StageContext) -> dict:
     config = ctx.config
-    pairs.refuse_unsupported(ctx.stage)
-    policy_dir = Path(ctx.inputs["policy"])
-    seq_len, global_batch = int(config["seq_len"]), int(config["global_batch"])
-    micro, steps, beta = int(config.get("micro_batch") or 1), int(config["steps"]), float(config["beta"])
-    seed = int(config.get("seed", 0))
 
     # 1. Processes, the policy, the pairs (each side cut to seq_len).
-    compute = loop.mixed_precision(config.get("precision", "fp32"))
-    accelerator = loop.accelerator(ctx, compute)
-    set_seed(seed)
-    accum = pairs_per_process(global_batch, accelerator.num_processes, micro) // micro
-    model = load_model(policy_dir)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    records, counts = read_pairs(ctx, tokenizer, seq_len)
-    order = pairs.Order(len(records), seed, bool(config["data"].get("shuffle", True)))
-    ctx.log(f"dpo: {len(records):,} pairs from {config['data']['name']} ({counts['truncated']:,} cut to {seq_len} "
-            f"tokens, {counts['dropped']:,} dropped: prompt ≥ seq_len), {steps} steps of {global_batch}")
+    s = pairs.setup(ctx)
+    accelerator, model = s.accelerator, s.model
+    records, counts = read_pairs(ctx, s.tokenizer, s.seq_len)
+    order = pairs.Order(len(records), s.seed, bool(config["data"].get("shuffle", True)))
+    ctx.log(f"dpo: {len(records):,} pairs from {config['data']['name']} ({counts['truncated']:,} cut to {s.seq_len} "
+            f"tokens, {counts['dropped']:,} dropped: prompt ≥ seq_len), {s.steps} steps of {s.global_batch}")
 
     # 2. The reference's log-probs, once (cached in scratch), by the starting model before any update.
-    model.to(accelerator.device)
-    ref, cached = reference_logps(ctx, accelerator, model, records, pad_id=pad_id, micro=micro)
+    ref, cached = reference_logps(ctx, accelerator, model, records, pad_id=s.pad_id, micro=s.micro)
 
     # 3. Optimiser, schedule, the loop.
-    if config.get("activation_checkpointing"):
-        model.activation_checkpointing_enable()
-    opt_cfg, sched_cfg = config.get("optimizer") or {}, config.get("schedule") or {}
-    optimizer, scheduler = loop.make_optimizer(model, opt_cfg, sched_cfg, steps)
-    objective, optimizer = accelerator.prepare(pairs.SequenceLogps(model).train(), optimizer)
+    objective, optimizer, scheduler = pairs.prepare(ctx, s)
     state = loop.StepState()
-    weight = accelerator.num_processes / global_batch
 
     def one_step(step: int):
-        chosen = [order(g) for g in pairs.my_slots(step, global_batch, accelerator.process_index,
+        chosen = [order(g) for g in pairs.my_slots(step, s.global_batch, accelerator.process_index,
                                                    accelerator.num_processes)]
         micros = [pairs.Micro(a=[records[i][0] for i in chunk], b=[records[i][1] for i in chunk],
                               ref_a=ref[0][chunk].to(accelerator.device), ref_b=ref[1][chunk].to(accelerator.device))
-                  for chunk in (chosen[k * micro:(k + 1) * micro] for k in range(accum))]
-        parts = pairs.update(accelerator, objective, micros, beta=beta, weight=weight, pad_id=pad_id)
-        record = pairs.summary(accelerator, parts, beta)
-        record["pairs"] = (step + 1) * global_batch
+                  for chunk in (chosen[k * s.micro:(k + 1) * s.micro] for k in range(s.accum))]
+        parts = pairs.update(accelerator, objective, micros, beta=s.beta, weight=s.weight, pad_id=s.pad_id)
+        record = pairs.summary(accelerator, parts, s.beta)
+        record["pairs"] = (step + 1) * s.global_batch
         return record, {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
                         "acc": f"{record['accuracy']:.2f}"}
 
-    done = loop.run_steps(ctx, accelerator, objective, optimizer, scheduler, state, steps, one_step)
+    done = loop.run_steps(ctx, accelerator, objective, optimizer, scheduler, state, s.steps, one_step)
 
     # 4. The final model, in the plan's precision, with its tokenizer and chat template.
-    dtype = loop.save_dtype(config.get("precision"))
-    loop.save_final(ctx, accelerator, accelerator.unwrap_model(objective).model, dtype, tokenizer, policy_dir,
-                    done["metrics"], chat_template=True)
+    dtype = pairs.save(ctx, s, objective, done["metrics"])
     last = done["record"]
-    return {"steps": steps, "pairs": len(records), "pairs_seen": steps * global_batch,
-            "epochs": round(order.epochs(steps * global_batch), 4), "final_loss": last.get("loss"),
+    return {"steps": s.steps, "pairs": len(records), "pairs_seen": s.steps * s.global_batch,
+            "epochs": round(order.epochs(s.steps * s.global_batch), 4), "final_loss": last.get("loss"),
             "final_margin": last.get("margin"), "final_accuracy": last.get("accuracy"),
             "reference_logps": "cached" if cached else "computed", "resumed_from_step": done["start"],
             "wall_s": round(done["wall"], 3), "processes": accelerator.num_processes,
             "dtype": str(dtype).removeprefix("torch."), **counts}
-
-
-def pairs_per_process(global_batch: int, processes: int, micro: int) -> int:
-    if global_batch % (processes * micro):
-        raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro} × {processes} processes")
-    return global_batch // processes
 
 
 def read_pairs(ctx: StageContext, tokenizer, seq_len: int) -> tuple[list[tuple], dict]:

@@ -27,11 +27,9 @@ same seeds and keys, so it moves only because the policy does. docs/runtime.md, 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, set_seed
-from transformers import AutoTokenizer
+from accelerate.utils import gather_object
 
 from ..context import StageContext
 from ..data import chat
@@ -41,18 +39,13 @@ from ..rollout.generate import Sampling, engine
 from ..rollout.judges import Candidate, build_judge, preferences
 from ..training import loop, pairs
 from ..training.models import load_model
-from .dpo import pairs_per_process
 
 SPLIT = ("generate_s", "judge_s", "reference_s", "update_s")  # where a step's time goes
 
 
 def run(ctx: StageContext) -> dict:
     config = ctx.config
-    pairs.refuse_unsupported(ctx.stage)
-    policy_dir = Path(ctx.inputs["policy"])
-    seq_len, global_batch = int(config["seq_len"]), int(config["global_batch"])
-    micro, steps, beta = int(config.get("micro_batch") or 1), int(config["steps"]), float(config["beta"])
-    seed, gen = int(config.get("seed", 0)), config.get("generation") or {}
+    gen = config.get("generation") or {}
     sampling = Sampling(temperature=float(gen.get("temperature", 0.7)), top_p=float(gen.get("top_p", 1.0)),
                         max_new_tokens=int(gen.get("max_new_tokens", 256)), stop=tuple(gen.get("stop") or ()))
     if int(gen.get("samples", 2)) != 2:
@@ -62,33 +55,24 @@ def run(ctx: StageContext) -> dict:
     heldout_n, every = int(win_cfg.get("prompts", 0)), int(win_cfg.get("every_steps", 0))
 
     # 1. Processes; policy (trained), reference (frozen), judge; the prompts.
-    compute = loop.mixed_precision(config.get("precision", "fp32"))
-    accelerator = loop.accelerator(ctx, compute)
-    set_seed(seed)
-    accum = pairs_per_process(global_batch, accelerator.num_processes, micro) // micro
+    s = pairs.setup(ctx)
+    accelerator, tokenizer, seed, steps, micro = s.accelerator, s.tokenizer, s.seed, s.steps, s.micro
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    model = load_model(policy_dir).to(device)
-    reference = load_model(policy_dir, dtype=_frozen_dtype(compute)).to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    reference = load_model(s.policy_dir, dtype=_frozen_dtype(s.compute)).to(device).eval().requires_grad_(False)
     judge_name, judge_cfg = _the_judge(config)
     judge = build_judge(judge_name, judge_cfg, ctx.inputs.get(f"judge:{judge_name}"), device=device)
     strip = bool(config.get("strip_thinking", False))
-    pool, heldout, counts = read_prompts(ctx, tokenizer, seq_len - sampling.max_new_tokens, heldout_n, seed)
+    pool, heldout, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, heldout_n, seed)
     order = pairs.Order(len(pool), seed, bool(config["data"].get("shuffle", True)))
     ctx.log(f"odpo: {len(pool):,} training prompts, {len(heldout)} held out for the win rate "
             f"({counts['dropped']} longer than seq_len − max_new_tokens dropped), judge {judge_name} "
-            f"({judge_cfg.get('kind')}), {steps} steps of {global_batch} prompts")
+            f"({judge_cfg.get('kind')}), {steps} steps of {s.global_batch} prompts")
 
-    # 2. Optimiser, schedule; the engines (the policy's samples from its live weights).
-    if config.get("activation_checkpointing"):
-        model.activation_checkpointing_enable()
-    opt_cfg, sched_cfg = config.get("optimizer") or {}, config.get("schedule") or {}
-    optimizer, scheduler = loop.make_optimizer(model, opt_cfg, sched_cfg, steps)
-    objective, optimizer = accelerator.prepare(pairs.SequenceLogps(model).train(), optimizer)
+    # 2. Optimiser, schedule; the engine (the policy's samples come from its live weights).
+    objective, optimizer, scheduler = pairs.prepare(ctx, s)
     policy_engine = engine(accelerator.unwrap_model(objective).model, tokenizer)
     state = loop.StepState(win_rate_start=None)
-    weight, spent = world / global_batch, dict.fromkeys(SPLIT, 0.0)
+    spent = dict.fromkeys(SPLIT, 0.0)
 
     def judged(batch: list, a: list, b: list) -> list[float]:
         return preferences(judge, [q.messages for q in batch], [_candidate(c) for c in a],
@@ -121,31 +105,31 @@ def run(ctx: StageContext) -> dict:
 
     # 4. One on-policy step.
     def one_step(step: int):
-        slots = pairs.my_slots(step, global_batch, rank, world)
+        slots = pairs.my_slots(step, s.global_batch, rank, world)
         batch = [pool[order(g)] for g in slots]
         clock = time.perf_counter()
         policy_engine.update(accelerator.unwrap_model(objective).model)
         with accelerator.autocast():
             samples = policy_engine.generate([q.ids for q in batch for _ in (0, 1)], sampling,
                                              seed=pairs.derive(seed, "sample", step),
-                                             keys=[2 * g + s for g in slots for s in (0, 1)])
+                                             keys=[2 * g + k for g in slots for k in (0, 1)])
         a, b = samples[0::2], samples[1::2]
         generating, clock = time.perf_counter() - clock, _lap(spent, "generate_s", clock)
         p = judged(batch, a, b)
         clock = _lap(spent, "judge_s", clock)
         ex_a = [_example(q, c) for q, c in zip(batch, a)]
         ex_b = [_example(q, c) for q, c in zip(batch, b)]
-        ref = pairs.logps(reference, ex_a + ex_b, pad_id=pad_id, device=device, micro=2 * micro,
+        ref = pairs.logps(reference, ex_a + ex_b, pad_id=s.pad_id, device=device, micro=2 * micro,
                           autocast=accelerator.autocast)
         ref_a, ref_b = ref[:len(batch)], ref[len(batch):]
         clock = _lap(spent, "reference_s", clock)
         micros = [pairs.Micro(a=ex_a[k:k + micro], b=ex_b[k:k + micro], ref_a=ref_a[k:k + micro],
                               ref_b=ref_b[k:k + micro], p=torch.tensor(p[k:k + micro], device=device))
-                  for k in range(0, accum * micro, micro)]
-        parts = pairs.update(accelerator, objective, micros, beta=beta, weight=weight, pad_id=pad_id)
+                  for k in range(0, s.accum * micro, micro)]
+        parts = pairs.update(accelerator, objective, micros, beta=s.beta, weight=s.weight, pad_id=s.pad_id)
         _lap(spent, "update_s", clock)
-        record = {**pairs.summary(accelerator, parts, beta), **_sample_stats(accelerator, parts, samples, generating),
-                  "prompts": (step + 1) * global_batch}
+        record = {**pairs.summary(accelerator, parts, s.beta), **_sample_stats(accelerator, parts, samples, generating),
+                  "prompts": (step + 1) * s.global_batch}
         return record, {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
                         "kl": f"{record['kl']:.3f}", "loop": f"{record['loop_rate']:.2f}",
                         "len": f"{record['mean_length']:.0f}", "gen_tok_s": f"{record['gen_tokens_per_s']:,.0f}"}
@@ -154,14 +138,13 @@ def run(ctx: StageContext) -> dict:
                           before=before, after=after)
 
     # 5. The final model, in the plan's precision, with its tokenizer and chat template.
-    dtype = loop.save_dtype(config.get("precision"))
-    loop.save_final(ctx, accelerator, accelerator.unwrap_model(objective).model, dtype, tokenizer, policy_dir,
-                    done["metrics"], chat_template=True)
+    dtype = pairs.save(ctx, s, objective, done["metrics"])
     last = done["record"]
     keep = ("loss", "margin", "accuracy", "chosen_logps", "rejected_logps", "kl", "loop_rate", "unterminated_rate",
             "mean_length", "gen_tokens_per_s", "win_rate")
-    return {"steps": steps, "prompts": len(pool), "heldout_prompts": len(heldout), "prompts_seen": steps * global_batch,
-            "epochs": round(order.epochs(steps * global_batch), 4), "judge": judge_name,
+    return {"steps": steps, "prompts": len(pool), "heldout_prompts": len(heldout),
+            "prompts_seen": steps * s.global_batch, "epochs": round(order.epochs(steps * s.global_batch), 4),
+            "judge": judge_name,
             "win_rate_start": state.extra.get("win_rate_start"),
             **{("final_" + k if k != "win_rate" else k): last.get(k) for k in keep},
             **{k: round(v, 3) for k, v in spent.items()}, "resumed_from_step": done["start"],

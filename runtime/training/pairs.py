@@ -15,11 +15,80 @@ from __future__ import annotations
 import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..context import StageContext
 from ..data.chat import Example
+from ..data.stream import per_process
+from . import loop
 from .preference import dpo_loss, sequence_logps
+
+
+@dataclass
+class Setup:
+    """What dpo and odpo read from the plan and build first, the same way."""
+
+    policy_dir: Path
+    seq_len: int
+    global_batch: int
+    micro: int  # pairs per forward
+    accum: int  # micro-batches per process and step
+    steps: int
+    beta: float
+    seed: int
+    compute: str  # Accelerate's mixed precision on this machine
+    accelerator: object
+    model: object  # the policy, on the device, not yet prepared
+    tokenizer: object
+    pad_id: int
+
+    @property
+    def weight(self) -> float:
+        """Each pair's share of the step's loss on this process (see the module docstring)."""
+        return self.accelerator.num_processes / self.global_batch
+
+
+def setup(ctx: StageContext) -> Setup:
+    """The processes, the policy (fp32 master weights, from the `policy` input) and its tokenizer."""
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from .models import load_model
+
+    config = ctx.config
+    refuse_unsupported(ctx.stage)
+    policy_dir = Path(ctx.inputs["policy"])
+    global_batch, micro, seed = int(config["global_batch"]), int(config.get("micro_batch") or 1), int(config.get("seed", 0))
+    compute = loop.mixed_precision(config.get("precision", "fp32"))
+    accelerator = loop.accelerator(ctx, compute)
+    set_seed(seed)
+    accum = per_process(global_batch, accelerator.num_processes, micro) // micro
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    return Setup(policy_dir=policy_dir, seq_len=int(config["seq_len"]), global_batch=global_batch, micro=micro,
+                 accum=accum, steps=int(config["steps"]), beta=float(config["beta"]), seed=seed, compute=compute,
+                 accelerator=accelerator, model=load_model(policy_dir).to(accelerator.device), tokenizer=tokenizer,
+                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def prepare(ctx: StageContext, s: Setup):
+    """(objective, optimizer, scheduler): the policy as `SequenceLogps`, prepared by Accelerate."""
+    config = ctx.config
+    if config.get("activation_checkpointing"):  # recompute each layer in backward (docs/plan.md, Estimates)
+        s.model.activation_checkpointing_enable()
+    optimizer, scheduler = loop.make_optimizer(s.model, config.get("optimizer") or {}, config.get("schedule") or {},
+                                               s.steps)
+    objective, optimizer = s.accelerator.prepare(SequenceLogps(s.model).train(), optimizer)
+    return objective, optimizer, scheduler
+
+
+def save(ctx: StageContext, s: Setup, objective, metrics: Path):
+    """The trained policy in the plan's precision, with its tokenizer and chat template; its dtype."""
+    dtype = loop.save_dtype(ctx.config.get("precision"))
+    loop.save_final(ctx, s.accelerator, s.accelerator.unwrap_model(objective).model, dtype, s.tokenizer,
+                    s.policy_dir, metrics, chat_template=True)
+    return dtype
 
 
 def derive(seed: int, *parts) -> int:
