@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
                   for chunk in (chosen[k * s.micro:(k + 1) * s.micro] for k in range(s.accum))]
         parts = pairs.update(accelerator, objective, micros, beta=s.beta, weight=s.weight, pad_id=s.pad_id)
         record = pairs.summary(accelerator, parts, s.beta)
-        record["pairs"] = (step + 1) * s.global_batch
+        record.update(pairs=(step + 1) * s.global_batch, tokens=(step + 1) * s.global_batch * s.seq_len)  # plan's count
         return record, {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
                         "acc": f"{record['accuracy']:.2f}"}
 

@@ -96,7 +96,7 @@ def run(ctx: StageContext) -> dict:
     def before(start: int) -> dict | None:
         if start == 0 and heldout:
             state.extra["win_rate_start"] = win_rate()
-            return {"win_rate": state.extra["win_rate_start"]}
+            return {"tokens": 0, "win_rate": state.extra["win_rate_start"]}
         return None
 
     def after(done: int) -> dict:
@@ -129,7 +129,8 @@ def run(ctx: StageContext) -> dict:
         parts = pairs.update(accelerator, objective, micros, beta=s.beta, weight=s.weight, pad_id=s.pad_id)
         _lap(spent, "update_s", clock)
         record = {**pairs.summary(accelerator, parts, s.beta), **_sample_stats(accelerator, parts, samples, generating),
-                  "prompts": (step + 1) * s.global_batch}
+                  "prompts": (step + 1) * s.global_batch,
+                  "tokens": (step + 1) * s.global_batch * 2 * s.seq_len}  # the plan's count (windows, not tokens read)
         return record, {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
                         "kl": f"{record['kl']:.3f}", "loop": f"{record['loop_rate']:.2f}",
                         "len": f"{record['mean_length']:.0f}", "gen_tok_s": f"{record['gen_tokens_per_s']:,.0f}"}

@@ -199,3 +199,23 @@ def test_bf16_runs_under_autocast_with_a_bf16_reference_and_saves_bf16(policy, p
     assert records(ctx.out)[1]["loss"] == pytest.approx(0.6931471805599453 / 0.1, rel=1e-2)
     assert {v.dtype for v in weights(ctx.out).values()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(ctx.out / "model").dtype == torch.bfloat16
+
+
+def test_through_the_executor_a_stage_gets_its_roles_and_a_bad_judge_is_one_error_line(policy, prompts, tmp_path):
+    st = stage(steps=2, win_rate={"prompts": 4, "every_steps": 1})
+    st.update(needs=[], outputs=[f"stages/{st['id']}/model"], launch={"devices": 1, "launcher": "local"},
+              inputs=[{"role": "policy", "model": "policy"}, {"role": "data", "data": "prompts"}])
+    plan = {"spec_sha256": "0" * 64, "models": {"policy": {"source": {"path": str(policy)}}},
+            "data": {"prompts": {k: v for k, v in prompts.items() if k != "name"}}, "stages": [st]}
+    lines = []
+    assert executor.run_plan(plan, tmp_path / "work", tmp_path, out=lines.append) == 0, "\n".join(lines)
+    manifest = json.loads((tmp_path / "work" / "stages" / st["id"] / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 2 and 0 <= manifest["metrics"]["win_rate"] <= 1
+    AutoModelForCausalLM.from_pretrained(tmp_path / "work" / "stages" / st["id"] / "model")
+
+    st["config"]["judges"] = {"short": {"kind": "callable", "function": "rulejudges:longest"}}
+    st["hash"] = "changed"
+    lines.clear()
+    assert executor.run_plan(plan, tmp_path / "work", tmp_path, out=lines.append) == 1
+    assert lines[-1] == (f"error: stage {st['id']} failed: judge 'short': module 'rulejudges' has no function 'longest' "
+                         f"(traceback in scratch/{st['id']}/traceback.txt)")
