@@ -226,8 +226,8 @@ def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, s
     progress line shows), clips, steps the optimiser and schedule, calls ``after(steps_done)``
     (metrics measured on the updated model, merged into the record), logs, and checkpoints when due
     or asked to stop. ``before(start_step)`` runs once after the resume; a dict it returns is
-    logged as the record of ``start_step``. Returns the start step,
-    the wall time and the last record.
+    logged as the record of ``start_step``. Returns the start step, the wall time, the last
+    record and the metrics file.
     """
     config = ctx.config
     ckpt_cfg, grad_clip = config.get("checkpoint") or {}, (config.get("optimizer") or {}).get("grad_clip")

@@ -58,6 +58,7 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_dpo_lowers_the_loss_from_log2_over_beta_and_saves_a_loadable_model(tiny_models, prefs, tmp_path):
     ctx = context(tmp_path, tiny_models["student"], prefs)
     metrics = dpo.run(ctx)
@@ -74,6 +75,7 @@ def test_dpo_lowers_the_loss_from_log2_over_beta_and_saves_a_loadable_model(tiny
     assert AutoTokenizer.from_pretrained(ctx.out / "model").chat_template == DEFAULT_TEMPLATE
 
 
+@pytest.mark.slow
 def test_reference_logps_are_the_starting_models_and_a_rerun_reads_them_from_the_cache(tiny_models, prefs, tmp_path,
                                                                                          monkeypatch):
     reference = context(tmp_path / "ref", tiny_models["student"], prefs)
@@ -113,3 +115,43 @@ def test_fsdp_is_refused_with_the_fix(tiny_models, prefs, tmp_path):
                                          r"not fsdp \(stage dpo/tiny/instruct/dpo\); set `resources.strategy: ddp` "
                                          r"on the step$"):
         dpo.run(ctx)
+
+
+def test_order_reads_every_record_once_per_epoch_and_depends_only_on_the_slot():
+    order = pairs.Order(7, seed=3, shuffle=True)
+    first, second = [order(g) for g in range(7)], [order(g) for g in range(7, 14)]
+    assert sorted(first) == sorted(second) == list(range(7)) and first != second
+    assert [pairs.Order(7, seed=3, shuffle=True)(g) for g in (12, 3)] == [second[5], first[3]]
+    assert [pairs.Order(4, seed=3, shuffle=False)(g) for g in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [list(pairs.my_slots(2, 8, p, 2)) for p in (0, 1)] == [[16, 17, 18, 19], [20, 21, 22, 23]]
+
+
+def test_truncate_keeps_the_prompt_and_drops_a_pair_without_answer_tokens():
+    from cascadec.runtime.data.chat import Example
+
+    example = Example(ids=[1, 5, 6, 7, 8, 2], mask=[0, 0, 1, 1, 1, 1])
+    assert pairs.truncate(example, 4) == Example(ids=[1, 5, 6, 7], mask=[0, 0, 1, 1])
+    assert pairs.truncate(example, 2) is None
+
+
+def test_a_steps_gradient_does_not_depend_on_how_its_pairs_are_cut_into_micro_batches(tiny_models, prefs):
+    """Each pair weighs 1/global_batch: 4 micro-batches of 1 pair and 1 of 4 give one gradient."""
+    from accelerate import Accelerator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    ctx = context(Path("/nonexistent"), tiny_models["student"], prefs)
+    records_, _ = dpo.read_pairs(ctx, tokenizer, 40)
+    chosen = records_[:4]
+    accelerator = Accelerator(cpu=True)
+    grads = []
+    for micro in (1, 4):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+        objective = pairs.SequenceLogps(model)
+        with torch.no_grad():
+            ref = [objective(*pairs.padded([p[side] for p in chosen], 0, "cpu")) - 0.5 * side for side in (0, 1)]
+        micros = [pairs.Micro(a=[p[0] for p in chosen[k:k + micro]], b=[p[1] for p in chosen[k:k + micro]],
+                              ref_a=ref[0][k:k + micro], ref_b=ref[1][k:k + micro]) for k in range(0, 4, micro)]
+        pairs.update(accelerator, objective, micros, beta=0.5, weight=1 / 4, pad_id=0)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)

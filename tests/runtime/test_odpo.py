@@ -179,6 +179,7 @@ def test_two_processes_match_one(policy, prompts, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_runs_under_autocast_with_a_bf16_reference_and_saves_bf16(policy, prompts, tmp_path, monkeypatch):
     """precision bf16 forced on the CPU (Accelerate autocasts there as on a GPU): generation,
     the bf16 reference, the loss and the save all take the bf16 path."""
@@ -201,6 +202,7 @@ def test_bf16_runs_under_autocast_with_a_bf16_reference_and_saves_bf16(policy, p
     assert AutoModelForCausalLM.from_pretrained(ctx.out / "model").dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_through_the_executor_a_stage_gets_its_roles_and_a_bad_judge_is_one_error_line(policy, prompts, tmp_path):
     st = stage(steps=2, win_rate={"prompts": 4, "every_steps": 1})
     st.update(needs=[], outputs=[f"stages/{st['id']}/model"], launch={"devices": 1, "launcher": "local"},
