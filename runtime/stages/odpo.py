@@ -72,7 +72,7 @@ def run(ctx: StageContext) -> dict:
     objective, optimizer, scheduler = pairs.prepare(ctx, s)
     policy_engine = engine(accelerator.unwrap_model(objective).model, tokenizer)
     state = loop.StepState(win_rate_start=None)
-    spent = dict.fromkeys(SPLIT, 0.0)
+    spent, latest = dict.fromkeys(SPLIT, 0.0), {"win_rate": None}  # latest: the last win rate measured
 
     def judged(batch: list, a: list, b: list) -> list[float]:
         return preferences(judge, [q.messages for q in batch], [_candidate(c) for c in a],
@@ -91,7 +91,8 @@ def run(ctx: StageContext) -> dict:
                                           seed=pairs.derive(seed, "win-rate", "policy"), keys=mine)
         p = judged([heldout[i] for i in mine], ours, baseline)
         every_p = [v for part in gather_object([p]) for v in part]
-        return sum(every_p) / len(every_p)
+        latest["win_rate"] = sum(every_p) / len(every_p)
+        return latest["win_rate"]
 
     def before(start: int) -> dict | None:
         if start == 0 and heldout:
@@ -133,7 +134,8 @@ def run(ctx: StageContext) -> dict:
                   "tokens": (step + 1) * s.global_batch * 2 * s.seq_len}  # the plan's count (windows, not tokens read)
         return record, {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
                         "kl": f"{record['kl']:.3f}", "loop": f"{record['loop_rate']:.2f}",
-                        "len": f"{record['mean_length']:.0f}", "gen_tok_s": f"{record['gen_tokens_per_s']:,.0f}"}
+                        "len": f"{record['mean_length']:.0f}", "gen_tok_s": f"{record['gen_tokens_per_s']:,.0f}",
+                        **({"win": f"{latest['win_rate']:.2f}"} if latest["win_rate"] is not None else {})}
 
     done = loop.run_steps(ctx, accelerator, objective, optimizer, scheduler, state, steps, one_step,
                           before=before, after=after)
