@@ -14,7 +14,7 @@ BASE = edit(
 ) + """\
     variants:
       chat:
-        - {name: odpo, kind: odpo, from: short, data: prompts, prompts: 1K, seq_len: 1024, judge: USE}
+        - {name: odpo, kind: odpo, from: short, data: prompts, prompts: 1K, seq_len: 2048, judge: USE}
 """
 ODPO = "odpo/small/chat/odpo"
 CALLABLE_HELP = 'add `function: "my_module:my_judge"`, a function f(prompts, a, b, **columns) -> P(a beats b) per pair'
