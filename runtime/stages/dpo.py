@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict:
     s = pairs.setup(ctx)
     accelerator, model = s.accelerator, s.model
     records, counts = read_pairs(ctx, s.tokenizer, s.seq_len)
-    order = pairs.Order(len(records), s.seed, bool(config["data"].get("shuffle", True)))
+    order = pairs.order(len(records), s.seed, bool(config["data"].get("shuffle", True)))
     ctx.log(f"dpo: {len(records):,} pairs from {config['data']['name']} ({counts['truncated']:,} cut to {s.seq_len} "
             f"tokens, {counts['dropped']:,} dropped: prompt ≥ seq_len), {s.steps} steps of {s.global_batch}")
 

@@ -14,7 +14,7 @@ Each step, on every process, for its share of the step's global_batch prompts:
 
 Determinism: sample s of the prompt in global slot g (= step × global_batch + j) is drawn with
 seed derive(stage seed, "sample", step) and key 2g + s, and the engine makes a sample depend only
-on (weights, prompt, sampling, seed, key); the prompt of slot g depends only on g (`pairs.Order`).
+on (weights, prompt, sampling, seed, key); the prompt of slot g depends only on g (`pairs.order`).
 So a resumed run and a run on two processes draw exactly the samples of one uninterrupted process.
 
 Win rate: a fixed held-out subset of the prompts (`config.win_rate.prompts`, drawn once by the
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict:
     judge = build_judge(judge_name, judge_cfg, ctx.inputs.get(f"judge:{judge_name}"), device=device)
     strip = bool(config.get("strip_thinking", False))
     pool, heldout, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, heldout_n, seed)
-    order = pairs.Order(len(pool), seed, bool(config["data"].get("shuffle", True)))
+    order = pairs.order(len(pool), seed, bool(config["data"].get("shuffle", True)))
     ctx.log(f"odpo: {len(pool):,} training prompts, {len(heldout)} held out for the win rate "
             f"({counts['dropped']} longer than seq_len − max_new_tokens dropped), judge {judge_name} "
             f"({judge_cfg.get('kind')}), {steps} steps of {s.global_batch} prompts")

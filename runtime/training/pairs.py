@@ -21,6 +21,7 @@ import torch
 
 from ..context import StageContext
 from ..data.chat import Example
+from ..data.packing import RowOrder
 from ..data.stream import per_process
 from . import loop
 from .preference import dpo_loss, sequence_logps
@@ -98,29 +99,14 @@ def derive(seed: int, *parts) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
-class Order:
+def order(n: int, seed: int, shuffle: bool) -> RowOrder:
     """The record read at global slot g = step × global_batch + j: epoch g // n, in a permutation
-    of the n records seeded by (seed, epoch) when ``shuffle``, else in file order. So a step's
-    records depend only on the step (resume reads the same ones) and every record is read once per
-    epoch."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        if n <= 0:
-            raise ValueError("no records to train on")
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, slot: int) -> int:
-        epoch, at = divmod(slot, self.n)
-        if not self.shuffle:
-            return at
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derive(self.seed, "order", epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).tolist()
-        return self._perm[at]
-
-    def epochs(self, slots: int) -> float:
-        return slots / self.n
+    of the n records seeded by (seed, epoch) when ``shuffle``, else in file order (sft's packed rows
+    are read the same way: `data/packing.py`, `RowOrder`). So a step's records depend only on the
+    step (resume reads the same ones) and every record is read once per epoch."""
+    if n <= 0:
+        raise ValueError("no records to train on")
+    return RowOrder(n, n, seed=seed, shuffle=shuffle)
 
 
 def my_slots(step: int, global_batch: int, process: int, processes: int) -> range:

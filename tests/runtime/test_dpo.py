@@ -118,11 +118,11 @@ def test_fsdp_is_refused_with_the_fix(tiny_models, prefs, tmp_path):
 
 
 def test_order_reads_every_record_once_per_epoch_and_depends_only_on_the_slot():
-    order = pairs.Order(7, seed=3, shuffle=True)
+    order = pairs.order(7, seed=3, shuffle=True)
     first, second = [order(g) for g in range(7)], [order(g) for g in range(7, 14)]
     assert sorted(first) == sorted(second) == list(range(7)) and first != second
-    assert [pairs.Order(7, seed=3, shuffle=True)(g) for g in (12, 3)] == [second[5], first[3]]
-    assert [pairs.Order(4, seed=3, shuffle=False)(g) for g in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [pairs.order(7, seed=3, shuffle=True)(g) for g in (12, 3)] == [second[5], first[3]]
+    assert [pairs.order(4, seed=3, shuffle=False)(g) for g in range(6)] == [0, 1, 2, 3, 0, 1]
     assert [list(pairs.my_slots(2, 8, p, 2)) for p in (0, 1)] == [[16, 17, 18, 19], [20, 21, 22, 23]]
 
 

@@ -105,7 +105,7 @@ def test_odpo_with_a_rule_judge_raises_the_win_rate_against_the_starting_policy(
     assert first["loss"] == pytest.approx(0.6931471805599453 / 0.1, rel=1e-5)  # Δ = 0 at the start: log(2)/β
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference
     length = [r["mean_length"] for r in lines[1:]]
-    assert last["kl"] > 0.5 and sum(length[-5:]) < 0.7 * sum(length[:5])  # it learned to be short
+    assert last["kl"] > 0.5 and sum(length[-5:]) < 0.8 * sum(length[:5])  # it learned to be short
     for key in ("margin", "chosen_logps", "rejected_logps", "loop_rate", "unterminated_rate", "gen_tokens_per_s",
                 "lr", "grad_norm"):
         assert all(key in r for r in lines[1:]), key
