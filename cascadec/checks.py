@@ -409,6 +409,16 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                 diag("CSC221", f"streamed data '{d.name}' has {d.tokens:,} tokens but the cascade reads "
                      f"{used[d.name]:,} by '{ref}'", (*t.at, "tokens"),
                      "a stream is read once; lower the budgets or declare more data")
+    # -- controls and eval contexts fit their data -------------------------------------------------
+    for c in spec.children:
+        if "compute-matched" in c.control and c.phases and c.phases[0].data in spec.data and c.phases[0].seq_len:
+            _check_compute_matched(diag, spec, cps, c)
+    if spec.eval is not None and spec.eval.contexts and spec.eval.tokens < math.lcm(*spec.eval.contexts):
+        ev, unit = spec.eval, math.lcm(*spec.eval.contexts)
+        what = (f"one sequence of {unit:,}" if len(ev.contexts) == 1 else
+                f"{unit:,}, the fewest that every length ({', '.join(f'{n:,}' for n in ev.contexts)}) cuts into whole sequences")
+        diag("CSC341", f"eval scores {ev.tokens:,} tokens per checkpoint, fewer than {what}", (*ev.at, "tokens"),
+             f"raise `eval.tokens` to a multiple of {unit:,} (each length then scores the same tokens)")
     if spec.eval is not None:
         check_data(spec.eval.data, (*spec.eval.at, "data"), "eval")
         h = spec.eval.harness or {}
@@ -418,6 +428,27 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         for i, name in enumerate(h.get("include", ())):
             check_data(name, ("eval", "harness", "include", i), "eval")
     return out
+
+
+def _check_compute_matched(diag, spec: FamilySpec, cps: dict, c) -> None:
+    """CSC340: a compute-matched control reads its first phase's data from the start, as many
+    tokens as the child's making spent; a source that declares `tokens` must hold them (each
+    source of a mix its share). Undeclared sources are checked by the runtime when it reads."""
+    first = c.phases[0]
+    per_step = first.seq_len * first.settings["batch.global"]
+    need = sum(resolve.lineage(spec, cps, f"{c.name}/{c.phases[-1].name}").values()) // per_step * per_step
+    d = spec.data[first.data]
+    wants = {d.name: need}
+    if d.kind == "mix" and d.mix and all(x in spec.data for x in d.mix):
+        wants = {x: n * first.seq_len for x, n in mix.counts(d.mix, need // first.seq_len).items()}
+    for name, n in wants.items():
+        have = spec.data[name].tokens
+        if have is not None and n > have:
+            diag("CSC340", f"the compute-matched control of '{c.name}' reads {n:,} tokens of '{name}' from its "
+                 f"start (as many as every training '{c.name}/{c.phases[-1].name}' descends from), but '{name}' "
+                 f"declares {have:,}", (*c.at, "control"),
+                 f"declare more data in '{name}' (`tokens:`), or keep only `control: equal-tokens` for "
+                 f"'{c.name}' (docs/plan.md, \"Controls\")")
 
 
 def _check_against_config(diag, m, arch: dict):

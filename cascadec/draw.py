@@ -139,9 +139,12 @@ def dot(plan: dict) -> str:
 
 def checkpoint(stage_id: str) -> str:
     """The checkpoint a stage writes, as specs name it: `distill/c/short` -> `c/short`,
-    `prune/c` -> `c/pruned`, `bootstrap/m` -> `m`."""
+    `prune/c` -> `c/pruned`, `control/c/equal-tokens` -> `c/control/equal-tokens`, `bootstrap/m` -> `m`."""
     kind, _, rest = stage_id.partition("/")
-    return {"prune": f"{rest}/pruned", "control": f"{rest}/control"}.get(kind, rest)
+    if kind == "control":
+        child, _, basis = rest.partition("/")
+        return f"{child}/control/{basis}"
+    return {"prune": f"{rest}/pruned"}.get(kind, rest)
 
 
 def _teacher(stage: dict, by_id: dict) -> str | None:
@@ -212,7 +215,8 @@ def ascii_tree(plan: dict) -> str:
                 f"{s['config']['seq_len']:,}, taught by {_teacher(s, by_id)}, data {_data_of(s)}" for s in phases]
         rows += [f"{v:<{width}}  " + " -> ".join(_step(s, by_id, k == 0) for k, s in enumerate(steps))
                  for v, steps in sorted(variants.items())]
-        extras = [s["kind"] for s in stages if s["kind"] in ("control", "eval", "export")]
+        extras = [f"control ({s['id'].rsplit('/', 1)[1]}, {si(s['config']['tokens'])} tokens)" if s["kind"] == "control"
+                  else s["kind"] for s in stages if s["kind"] in ("control", "eval", "export")]
         if extras:
             rows.append(" + ".join(extras))
         lines = []

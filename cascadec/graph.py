@@ -5,8 +5,9 @@
                                                           └─▶ calibrate/c2 ─▶ prune/c2 ─▶ …   (prune_from: c1/short)
     teachers, calibration sources and starting checkpoints are edges too; tokenize/<data>/<model>
     tokenises a source once per tokenizer (the root model's: pruning copies it) for every stage
-    that reads it as tokens (distill, control, teacher-logits, eval); control/<child> trains
-    the child's shape from scratch on its tokens; eval/<child> and export/<child> hang off a
+    that reads it as tokens (distill, control, teacher-logits, eval); control/<child>/<basis>
+    trains the child's shape from scratch (equal-tokens: on its tokens; compute-matched: on as
+    many as its making spent); eval/<child> and export/<child> hang off a
     child's checkpoints; report/<family> collects every eval.
 
 Each node's `stage` attribute holds id, kind, inputs, outputs, config, launch and provenance;
@@ -18,6 +19,7 @@ the spec path a fit diagnostic points at). Pure.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -94,6 +96,22 @@ def _mix_config(spec: FamilySpec, data: str, sources: dict | None) -> dict:
     if sources is None:
         return {}
     return {"mix": dict(sorted(spec.data[data].mix.items())), "sources": sources}
+
+
+def _widest(windows: list[dict | None]) -> dict | None:
+    """Per source of a mix, the largest of the eval contexts' windows (what the stage must read)."""
+    if not windows or windows[0] is None:
+        return None
+    return {name: max((w[name] for w in windows), key=lambda x: x["tokens"]) for name in windows[0]}
+
+
+def compute_note(spent: dict[str, int], steps: int, first: Training) -> str:
+    """The plan's note of a compute-matched control: the sum, term by term, and its whole steps."""
+    per = first.seq_len * first.settings["batch.global"]
+    total = sum(spent.values())
+    terms = " + ".join(f"{sid} {n:,}" for sid, n in spent.items())
+    return (f"compute-matched: {total:,} tokens = {terms}; trains {steps:,} whole steps of {per:,} tokens "
+            f"(seq_len {first.seq_len:,} x batch {first.settings['batch.global']:,}) = {steps * per:,}")
 
 
 @dataclass(frozen=True)
@@ -377,24 +395,36 @@ class Builder:
                   "_n": param_count(self.shapes[c.name]), "_n_teacher": n_teacher, "_shape": self.shapes[c.name],
                   "_teacher": teacher_shape, "_budget": self.budget(t.settings), "_at": t.at}, t.settings)
 
-    def control(self, c: ChildSpec) -> None:
-        """control/<child>: the child's shape, random init, next-token loss, the same tokens as
-        its distillation phases (read from the first phase's window, at its sequence length)."""
+    def control(self, c: ChildSpec, basis: str) -> None:
+        """control/<child>/<basis>: the child's shape, random init, next-token loss, at its first
+        phase's sequence length and batch. `equal-tokens`: the same tokens as its distillation
+        phases (the first phase's window). `compute-matched`: as many tokens as every training its
+        final base checkpoint descends from (`resolve.lineage`), read from the start of the first
+        phase's data: the tokens the cascade itself read first (docs/plan.md, "Controls")."""
         first = c.phases[0]
-        phases = [self.g.nodes[self.cps[f"{c.name}/{p.name}"].stage]["stage"]["config"] for p in c.phases]
         per_step = first.seq_len * first.settings["batch.global"]
-        n = sum(p["tokens"] for p in phases) // per_step
-        starts = phases[0]["data"].get("sources")
+        if basis == "equal-tokens":
+            phases = [self.g.nodes[self.cps[f"{c.name}/{p.name}"].stage]["stage"]["config"] for p in c.phases]
+            n = sum(p["tokens"] for p in phases) // per_step
+            offset, starts = phases[0]["data"]["offset"], phases[0]["data"].get("sources")
+            why, notes = "same tokens as the child's distillation phases", []
+        else:
+            spent = resolve.lineage(self.spec, self.cps, f"{c.name}/{c.phases[-1].name}")
+            n = sum(spent.values()) // per_step
+            mixed = self.spec.data[first.data].mix
+            offset, starts = 0, {name: {"offset": 0} for name in mixed} if mixed else None
+            why = f"compute-matched: the tokens of every training {c.name}/{c.phases[-1].name} descends from"
+            notes = [compute_note(spent, n, first)]
         sources = starts and self.mix_window(first.data, first.seq_len, n * first.settings["batch.global"], starts)
-        config, prov = _training_config(first, self.spec, n, phases[0]["data"]["offset"], sources)
+        config, prov = _training_config(first, self.spec, n, offset, sources)
         config.update(shape=self.shapes[c.name].axes(), tokens=n * per_step)
         launch, lprov = _launch(first.settings)
         root = self.tokenizer_of(c.prune_from)  # the tokenizer comes from the root of the cascade
-        sid = resolve.stage_id("control", c.name)
+        sid = resolve.stage_id("control", c.name, basis)
         self.add({"id": sid, "kind": "control",
                   "inputs": [self.checkpoint("template", root), *self.reading(first.data, root)],
                   "outputs": [_path(sid, "model")], "config": config, "launch": launch,
-                  "provenance": {**prov, **lprov, "config.tokens": "same tokens as the child's distillation phases"},
+                  "provenance": {**prov, **lprov, "config.tokens": why}, **({"notes": notes} if notes else {}),
                   "_n": param_count(self.shapes[c.name]), "_shape": self.shapes[c.name],
                   "_budget": self.budget(first.settings), "_at": (*c.at, "control")}, first.settings)
 
@@ -413,6 +443,17 @@ class Builder:
                   "tokens": ev.tokens, "seq_len": ev.seq_len,
                   "checkpoints": names, "precision": s["resources.precision"],
                   "micro_batch": estimate.eval_batch(ev.seq_len), "chunk_tokens": s["loss.chunk_tokens"]}
+        tokens = ev.tokens
+        if len(ev.contexts) > 1:  # every length over the same first tokens; marked beyond a checkpoint's training
+            common = ev.tokens // math.lcm(*ev.contexts) * math.lcm(*ev.contexts)
+            windows = [self.mix_window(ev.data, n, common // n, starts=zeros) for n in ev.contexts]
+            config["data"].update(_mix_config(self.spec, ev.data, _widest(windows)))
+            config["tokens"] = common
+            config["contexts"] = [{"seq_len": n, "tokens": common, "micro_batch": estimate.eval_batch(n),
+                                   **({"sources": w} if w else {})} for n, w in zip(ev.contexts, windows)]
+            trained = resolve.trained_contexts(self.spec, self.cps)
+            config["trained_context"] = {n: trained.get(n) for n in names}
+            tokens = common * len(ev.contexts)
         extra = []
         if ev.harness:  # the harness reads text: generated tasks and task folders are raw data inputs
             h = ev.harness
@@ -428,7 +469,7 @@ class Builder:
                   "launch": launch, "provenance": {**prov, "config.precision": s.provenance["resources.precision"],
                                                    "config.chunk_tokens": s.provenance["loss.chunk_tokens"]},
                   "_n": param_count(self.shapes[owner]),
-                  "_tokens": ev.tokens * len(names), "_shape": self.shapes[owner], "_budget": self.budget(),
+                  "_tokens": tokens * len(names), "_shape": self.shapes[owner], "_budget": self.budget(),
                   "_at": ev.at})
         return sid
 
@@ -484,18 +525,19 @@ def build(spec: FamilySpec) -> nx.DiGraph:
     b.bootstraps()
     windows = b.windows()
     cache_of = b.teacher_caches(windows)
-    evals = []
     for c in spec.children:
         b.surgery(c)
         for w in windows:
             if w.child is c:
                 b.training(w, cache_of)
-        if c.control:
-            b.control(c)
+    evals = []
+    for c in spec.children:  # after every training: a compute-matched control sums its lineage's
+        for basis in c.control:
+            b.control(c, basis)
         if spec.eval is not None:
             names = [f"{c.name}/pruned"] + [f"{c.name}/{p.name}" for p in c.phases] + \
                 [f"{c.name}/{v}/{s.name}" for v, steps in c.variants for s in steps] + \
-                ([f"{c.name}/control"] if c.control else [])
+                [resolve.control_ref(c.name, basis) for basis in c.control]
             evals.append(b.eval(c.name, names))
         if c.export:
             b.export(c, evals[-1] if spec.eval is not None else None)

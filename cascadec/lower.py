@@ -226,7 +226,7 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
             ),
             methods={k: v for k, v in pruning.items() if k != "calibration"},
             calibration=calibration, phases=phases, variants=variants,
-            control=c.get("control", False), export=c.get("export", True), at=at,
+            control=controls(c.get("control", False)), export=c.get("export", True), at=at,
         ))
 
     ev = raw.get("eval")
@@ -237,7 +237,8 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
         budget_tokens=quantity(budget["tokens"]) if "tokens" in budget else None,
         from_scratch_tokens=quantity(budget["from_scratch_tokens"]) if "from_scratch_tokens" in budget else None,
         hardware=hardware, models=models, data=data, judges=judges, children=tuple(children),
-        eval=EvalSpec(data=ev["data"], tokens=quantity(ev["tokens"]), seq_len=ev["seq_len"], at=("eval",),
+        eval=EvalSpec(data=ev["data"], tokens=quantity(ev["tokens"]), seq_len=_lengths(ev["seq_len"])[0],
+                      contexts=_lengths(ev["seq_len"]), at=("eval",),
                       harness=harness(ev["harness"]) if ev.get("harness") else None) if ev else None,
         assumed=tuple(assumed), defaults=family_settings,
     )
@@ -248,6 +249,18 @@ def _tasks(d: dict) -> tuple[str, ...] | None:
     if "tasks" in d:
         return tuple(d["tasks"])
     return BUILTIN_TASKS if d.get("builtin") == "tasks" else None
+
+
+def controls(raw) -> tuple[str, ...]:
+    """`control:` as a tuple of bases: true is one equal-tokens control (what it always meant)."""
+    if isinstance(raw, bool):
+        return ("equal-tokens",) if raw else ()
+    return (raw,) if isinstance(raw, str) else tuple(raw)
+
+
+def _lengths(raw) -> tuple[int, ...]:
+    """`eval.seq_len` as a tuple of context lengths, in spec order."""
+    return (raw,) if isinstance(raw, int) else tuple(raw)
 
 
 HARNESS_BATCH = 8

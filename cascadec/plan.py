@@ -44,6 +44,13 @@ def _estimate(stage: dict, hardware) -> dict:
     total, attention = estimate.flops(kind, n=n, shape=shape, tokens=tokens, seq_len=seq_len,
                                       n_teacher=n_teacher, teacher=teacher)
     micro = cfg.get("batch_size") if kind == "calibrate" else cfg.get("micro_batch")
+    if cfg.get("contexts"):  # an eval at several lengths: FLOPs summed over them, memory at the longest
+        names = len(cfg["checkpoints"])
+        parts = [estimate.flops(kind, n=n, shape=shape, tokens=c["tokens"] * names, seq_len=c["seq_len"],
+                                n_teacher=0, teacher=None) for c in cfg["contexts"]]
+        total, attention = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        longest = max(cfg["contexts"], key=lambda c: c["seq_len"])
+        seq_len, micro = longest["seq_len"], longest["micro_batch"]
     parts = estimate.memory(kind, shape=shape, n=n, micro_batch=micro or 1, seq_len=seq_len,
                             devices=launch["devices"], strategy=launch["strategy"],
                             precision=cfg.get("precision", "fp32"),

@@ -54,9 +54,14 @@ def checkpoints(spec: FamilySpec) -> dict[str, Checkpoint]:
         for vname, steps in c.variants:
             for s in steps:
                 add(f"{c.name}/{vname}/{s.name}", training_stage_id(c, s, vname), child=c.name)
-        if c.control:
-            add(f"{c.name}/control", stage_id("control", c.name), child=c.name)
+        for basis in c.control:
+            add(control_ref(c.name, basis), stage_id("control", c.name, basis), child=c.name)
     return out
+
+
+def control_ref(child: str, basis: str) -> str:
+    """The checkpoint a control writes: `tiny-c/control/compute-matched` (stage control/tiny-c/compute-matched)."""
+    return f"{child}/control/{basis}"
 
 
 def lookup(ref: str | None, cps: dict[str, Checkpoint], child: ChildSpec | None = None) -> Checkpoint | None:
@@ -255,3 +260,79 @@ def cycle_at(spec: FamilySpec, cycle: list[str]) -> tuple | None:
         if any(v in (stage_id("calibrate", c.name), stage_id("prune", c.name)) for _, v in edges):
             found.setdefault("prune_from", (*c.at, "prune_from"))
     return next((found[k] for k in ("teacher", "from", "prune_from") if k in found), None)
+
+
+def trained_tokens(t: Training, spec: FamilySpec) -> int:
+    """Tokens a training consumes as the plan runs it (whole steps); 0 for odpo/grpo (prompts)."""
+    n = steps(t, spec) or 0
+    return 0 if t.kind in ("odpo", "grpo") else n * t.seq_len * t.settings["batch.global"]
+
+
+def lineage(spec: FamilySpec, cps: dict[str, Checkpoint], ref: str) -> dict[str, int]:
+    """Every training the checkpoint ``ref`` descends from, itself included: stage id -> tokens, in
+    plan order. Descends = through `from` (or the previous phase), `prune_from`, and each teacher
+    (a teacher's own making is compute spent on this checkpoint); a bootstrapped model counts its
+    bootstrap, an external model nothing. Each stage once, however many paths lead to it.
+    Forward-only work (calibration, teacher-logits caches) and controls are not trainings."""
+    trains = {r: (c, t) for c, _, t, r in trainings(spec)}
+    children = {c.name: c for c in spec.children}
+    found: dict[str, int] = {}
+    seen: set = set()
+
+    def visit(r: str | None) -> None:
+        cp = cps.get(r) if r is not None else None
+        if cp is None or r in seen:
+            return
+        seen.add(r)
+        if cp.model is not None:
+            m = spec.models[cp.model]
+            if m.bootstrap is not None:
+                found[cp.stage] = trained_tokens(m.bootstrap, spec)
+        elif r in trains:
+            c, t = trains[r]
+            found[cp.stage] = trained_tokens(t, spec)
+            start = lookup(starts(c)[r], cps, c)
+            visit(None if start is None else start.ref)
+            teacher = lookup(t.teacher, cps, c)
+            visit(None if teacher is None else teacher.ref)
+        elif r.endswith("/pruned") and cp.child in children:
+            src = lookup(children[cp.child].prune_from, cps)
+            visit(None if src is None else src.ref)
+
+    visit(ref)
+    order = {cp.stage: cp.order for cp in cps.values()}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+
+
+def trained_contexts(spec: FamilySpec, cps: dict[str, Checkpoint]) -> dict[str, int | None]:
+    """The longest sequence each checkpoint was trained on: a bootstrap's seq_len, an external
+    model's context (None where unknown), a pruned child its source's, a training the longer of
+    its seq_len and its start's, a control its first phase's. Eval marks longer contexts."""
+    trains = {r: (c, t) for c, _, t, r in trainings(spec)}
+    children = {c.name: c for c in spec.children}
+    out: dict[str, int | None] = {}
+
+    def context(r: str, visiting: frozenset) -> int | None:
+        cp = cps.get(r)
+        if r in out or cp is None or r in visiting:
+            return out.get(r)
+        visiting = visiting | {r}
+        if cp.model is not None:
+            m = spec.models[cp.model]
+            value = m.bootstrap.seq_len if m.bootstrap is not None else m.context
+        elif r in trains:
+            c, t = trains[r]
+            start = lookup(starts(c)[r], cps, c)
+            before = None if start is None else context(start.ref, visiting)
+            value = max(t.seq_len, before or 0) or None
+        elif r.endswith("/pruned") and cp.child in children:
+            src = lookup(children[cp.child].prune_from, cps)
+            value = None if src is None else context(src.ref, visiting)
+        else:  # a control: its first phase's sequence length
+            value = children[cp.child].phases[0].seq_len if cp.child in children else None
+        out[r] = value
+        return value
+
+    for r in cps:
+        context(r, frozenset())
+    return out

@@ -77,6 +77,8 @@ def _diagnostic(doc: Document, error) -> Diagnostic:
             error = next(e for e in alts if e.validator == "pattern" and "%" in e.schema["pattern"])
         elif patterns:
             error = next(e for e in alts if e.validator == "pattern")
+        elif isinstance(error.instance, str) and any(e.validator == "enum" for e in alts):
+            error = next(e for e in alts if e.validator == "enum")  # `control: compute_matched`: name the choices
     path = tuple(error.absolute_path)
     where = _where(path)
     kind = error.validator

@@ -131,7 +131,7 @@ class ChildSpec:
     calibration: Settings
     phases: tuple[Training, ...]
     variants: tuple[tuple[str, tuple[Training, ...]], ...]
-    control: bool
+    control: tuple[str, ...]  # control bases in spec order: "equal-tokens", "compute-matched"; () for none
     export: bool
     at: tuple
 
@@ -140,8 +140,9 @@ class ChildSpec:
 class EvalSpec:
     data: str
     tokens: int
-    seq_len: int
+    seq_len: int  # the first (headline) context length
     at: tuple
+    contexts: tuple[int, ...] = ()  # every context length, the first being `seq_len`
     harness: dict | None = None  # lower.harness(): tasks normalised, include, batch_size
 
 

@@ -38,7 +38,9 @@ def table(plan: dict, spec_path: str) -> str:
             rows += [_row(s) for s in stages]
     out += _grid(rows, right=(2, 3, 4, 5, 6))
     if any(s["kind"] == "eval" for s in plan["stages"]):
-        out.append("eval tokens: N x T = N checkpoints scored, T held-out tokens each (all counted in the FLOPs)")
+        out.append("eval tokens: N x T = N checkpoints scored, T held-out tokens each (all counted in the FLOPs)"
+                   + ("; N x T x C: at each of C context lengths"
+                      if any(s["kind"] == "eval" and s["config"].get("contexts") for s in plan["stages"]) else ""))
     t = plan["totals"]
     hw = t["hardware"]
     out += ["", f"totals: {t['stages']} stages, {si(t['tokens'])} training tokens, {si(t['flops'])}FLOPs, "
@@ -85,6 +87,8 @@ def _row(s: dict) -> tuple:
     tokens = si(e["tokens"]) if e["tokens"] else "-"
     if s["kind"] == "eval" and e["tokens"]:
         tokens = f"{len(s['config']['checkpoints'])}x{si(s['config']['tokens'])}"
+        if s["config"].get("contexts"):  # the same tokens at each context length
+            tokens += f"x{len(s['config']['contexts'])}"
     return (s["id"], s["kind"], tokens, str(e["steps"] or "-"),
             si(e["flops"]) if e["flops"] else "-", f"{e['device_hours']:,.2f}" if e["flops"] else "-",
             _gb(e["memory_gb"]))

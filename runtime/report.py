@@ -1,5 +1,6 @@
 """The family report: one table per child (parameters, tokens, held-out loss beside the parent's,
-the freshly pruned model's and the from-scratch control's), loss curves per training stage, the
+the freshly pruned model's and the from-scratch controls' (equal tokens, compute-matched)), the
+held-out loss of every checkpoint at each eval context length, loss curves per training stage, the
 DAG as Mermaid, and the plan's estimates beside what the run really spent.
 
 Reads a workspace (eval.json, metrics.jsonl and manifest.json of each stage) and the plan; it
@@ -35,12 +36,14 @@ def collect(plan: dict, workdir: Path) -> dict:
     """Everything the report shows, as plain data (this is also `--format json`)."""
     workdir = Path(workdir)
     stages = {s["id"]: s for s in plan["stages"]}
-    losses, benchmarks = {}, {}
+    losses, benchmarks, contexts = {}, {}, {}
     for sid, s in stages.items():
         if s["kind"] == "eval":
             ev = _read_json(workdir / "stages" / sid / "eval.json")
             for name, r in ((ev or {}).get("checkpoints") or {}).items():
                 losses[name] = r["loss"]
+                if r.get("contexts"):
+                    contexts[name] = r["contexts"]
                 if r.get("harness"):
                     benchmarks[name] = {task: headline(m) for task, m in r["harness"].items()}
     children = []
@@ -52,7 +55,9 @@ def collect(plan: dict, workdir: Path) -> dict:
         root = m["prune_from"]
         while plan["models"].get(root.split("/")[0], {}).get("role") == "child":
             root = plan["models"][root.split("/")[0]]["prune_from"]
-        parent, pruned, ours, control = (losses.get(k) for k in (root, f"{name}/pruned", final, f"{name}/control"))
+        parent, pruned, ours, control, matched = (losses.get(k) for k in (
+            root, f"{name}/pruned", final, f"{name}/control/equal-tokens", f"{name}/control/compute-matched"))
+        matched_stage = stages.get(f"control/{name}/compute-matched")
         recovered = None
         if None not in (parent, pruned, ours) and pruned != parent:
             recovered = round((pruned - ours) / (pruned - parent), 4)
@@ -62,6 +67,8 @@ def collect(plan: dict, workdir: Path) -> dict:
             "loss": ours, "loss_short": losses.get(f"{name}/{phases[0]['config']['phase']}") if phases else None,
             "parent_loss": parent, "pruned_loss": pruned, "control_loss": control,
             "beats_control": None if None in (ours, control) else ours < control,
+            "matched_loss": matched, "matched_tokens": matched_stage["config"]["tokens"] if matched_stage else None,
+            "beats_matched": None if None in (ours, matched) else ours < matched,
             "gap_recovered": recovered,
         })
     spent = []
@@ -88,7 +95,7 @@ def collect(plan: dict, workdir: Path) -> dict:
                           "sources": {k: {"planned": w["tokens"], "offset": w["offset"], "read": read.get(k)}
                                       for k, w in sorted(sources.items())}})
     return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
-            "losses": losses, "benchmarks": benchmarks, "stages": spent, "pruning": pruning,
+            "losses": losses, "contexts": contexts, "benchmarks": benchmarks, "stages": spent, "pruning": pruning,
             "curves": {k: v for k, v in curves.items() if v}, "mixes": mixes, "totals": plan["totals"],
             "task_order": _task_order(plan)}
 
@@ -141,10 +148,11 @@ def plots(data: dict, out: Path) -> list[str]:
     rows = [c for c in data["children"] if c["loss"] is not None]
     if rows:
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        labels = [("parent", "parent_loss"), ("pruned", "pruned_loss"), ("distilled", "loss"), ("from-scratch control", "control_loss")]
-        width = 0.2
+        labels = [("parent", "parent_loss"), ("pruned", "pruned_loss"), ("distilled", "loss"),
+                  ("control, equal tokens", "control_loss"), ("control, compute-matched", "matched_loss")]
+        width = 0.16
         for i, (label, key) in enumerate(labels):
-            ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [r[key] or 0 for r in rows], width, label=label)
+            ax.bar([j + (i - 2) * width for j in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=label)
         ax.set_xticks(range(len(rows)), [f"{r['child']}\n{si(r['params'])}" for r in rows])
         ax.set_ylabel("held-out loss (nats/token)")
         ax.set_title(f"{data['family']}: held-out loss per child")
@@ -184,20 +192,51 @@ def _f(x, fmt="{:.4f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _yes(x) -> str:
+    return "–" if x is None else ("yes" if x else "**no**")
+
+
+def context_cell(score: dict | None) -> str:
+    """One held-out loss at one context; † where the checkpoint never trained that long."""
+    if not score:
+        return "–"
+    return f"{score['loss']:.4f}{' †' if score.get('beyond_trained') else ''}"
+
+
+def _context_table(data: dict) -> list[str]:
+    """Held-out loss of every checkpoint at each context length the eval stages scored."""
+    if not data.get("contexts"):
+        return []
+    lengths = sorted({int(n) for row in data["contexts"].values() for n in row})
+    lines = ["## Held-out loss by context length", "",
+             "| checkpoint | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |",
+             "| --- | " + " | ".join("---:" for _ in lengths) + " |"]
+    for name, row in data["contexts"].items():
+        lines.append(f"| {name} | " + " | ".join(context_cell(row.get(str(n))) for n in lengths) + " |")
+    return lines + ["", "The same first held-out tokens, cut into sequences of each length: a longer context "
+                    "gives every predicted token more history. † marks a length longer than any sequence the "
+                    "checkpoint (or the checkpoints it descends from) was trained on: scored all the same, that "
+                    "is what a long-context phase is for.", ""]
+
+
 def markdown(data: dict, plan: dict, images: list[str]) -> str:
     lines = [f"# Family report: {data['family']}", "",
              f"Spec sha256 `{data['spec_sha256'][:12]}`. Held-out loss is mean next-token cross-entropy "
              "(nats/token) on the same held-out tokens for every checkpoint.", "",
-             "| child | params | distill tokens | held-out loss | after first phase | parent | right after pruning | from-scratch control | beats control | gap recovered |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
+             "| child | params | distill tokens | held-out loss | after first phase | parent | right after pruning | "
+             "control, equal tokens | beats it | control, compute-matched (tokens) | beats it | gap recovered |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | :---: | ---: |"]
     for c in data["children"]:
+        matched = _f(c.get("matched_loss")) + (f" ({si(c['matched_tokens'])})" if c.get("matched_tokens") else "")
         lines.append(f"| {c['child']} | {c['params']:,} | {si(c['tokens'])} | {_f(c['loss'])} | {_f(c['loss_short'])} | {_f(c['parent_loss'])} | "
-                     f"{_f(c['pruned_loss'])} | {_f(c['control_loss'])} | "
-                     f"{'–' if c['beats_control'] is None else ('yes' if c['beats_control'] else '**no**')} | "
-                     f"{_f(c['gap_recovered'], '{:.0%}')} |")
-    lines += ["", "'held-out loss' is the child's final base checkpoint (its last pretraining phase); "
-              "'gap recovered' = (pruned − final) / (pruned − parent): the share of the loss that pruning "
-              "cost which distillation won back.", ""]
+                     f"{_f(c['pruned_loss'])} | {_f(c['control_loss'])} | {_yes(c['beats_control'])} | "
+                     f"{matched} | {_yes(c.get('beats_matched'))} | {_f(c['gap_recovered'], '{:.0%}')} |")
+    lines += ["", "'held-out loss' is the child's final base checkpoint (its last pretraining phase); the controls "
+              "are the child's shape trained from scratch, on its own distillation tokens (equal tokens) or on as "
+              "many tokens as the cascade spent to make it, the root's bootstrap included (compute-matched; "
+              "docs/plan.md, \"Controls\"); 'gap recovered' = (pruned − final) / (pruned − parent): the share of "
+              "the loss that pruning cost which distillation won back.", ""]
+    lines += _context_table(data)
     lines += [f"![{Path(i).stem}]({i})" for i in images if i != "benchmarks.png"] + [""]
     tasks = _tasks(data)
     if tasks:

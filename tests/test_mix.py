@@ -72,6 +72,12 @@ def test_each_stage_gets_exact_per_source_windows_that_follow_each_other(tmp_pat
     assert (first["web"]["sequences"], first["code"]["sequences"]) == (1960, 840)
     tokenize = sorted(s["id"] for s in plan["stages"] if s["kind"] == "tokenize")
     assert tokenize == ["tokenize/code/parent", "tokenize/stdlib-heldout/parent", "tokenize/web/parent"]
-    control = next(s for s in plan["stages"] if s["id"] == "control/tiny-a")["config"]
+    control = next(s for s in plan["stages"] if s["id"] == "control/tiny-a/equal-tokens")["config"]
     assert {k: v["offset"] for k, v in control["data"]["sources"].items()} == {"code": 0, "web": 0}
     assert sum(v["tokens"] for v in control["data"]["sources"].values()) == control["tokens"]
+    # the compute-matched control re-reads each source of the mix from its start, by weight
+    matched = next(s for s in plan["stages"] if s["id"] == "control/tiny-c/compute-matched")["config"]
+    assert matched["data"]["mix"] == SEVENTY_THIRTY and matched["data"]["offset"] == 0
+    assert {k: (v["offset"], v["sequences"]) for k, v in matched["data"]["sources"].items()} == {
+        k: (0, n) for k, n in mix.counts(SEVENTY_THIRTY, matched["steps"] * matched["global_batch"]).items()}
+    assert sum(v["tokens"] for v in matched["data"]["sources"].values()) == matched["tokens"]

@@ -1,4 +1,6 @@
-"""`eval` stage: held-out next-token loss of every checkpoint of one model or child.
+"""`eval` stage: held-out next-token loss of every checkpoint of one model or child, at one
+context length or several (`config.contexts`: the same first held-out tokens cut into sequences
+of each length; a length beyond a checkpoint's `trained_context` is scored and marked).
 
 All checkpoints of a family share the root's tokenizer (pruning copies it), so every figure
 is the mean cross-entropy over the very same held-out tokens and the numbers compare directly.
@@ -22,7 +24,7 @@ import torch
 import transformers as tf
 
 from ..context import StageContext
-from ..data.stream import Window, stage_stream
+from ..data.stream import MixStream, Window, stage_stream
 from ..evaluation import harness
 from ..training.kd import nll_sum
 from ..training.models import load_model
@@ -68,6 +70,8 @@ def run(ctx: StageContext) -> dict:
     harness_cfg = cfg.get("harness")
     include = _harness_tasks(ctx, harness_cfg, state) if harness_cfg else []
     index = harness.task_index(include) if harness_cfg else None  # once for every checkpoint
+    contexts = cfg.get("contexts") or [{"seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "micro_batch": cfg.get("micro_batch")}]
+    trained = cfg.get("trained_context") or {}
     results = {}
     for name in cfg["checkpoints"]:
         path = ctx.inputs[ROLE + name]
@@ -76,30 +80,48 @@ def run(ctx: StageContext) -> dict:
         with state.main_process_first():  # without a tokenize stage the main process tokenises first
             stream = stage_stream(ctx, tokenizer, path, cfg["tokens"])
         model = load_model(path, dtype=DTYPES[precision]).to(state.device).eval()
-        loss, count = heldout_loss(model, stream, cfg["tokens"], cfg["seq_len"],
-                                   batch=int(cfg.get("micro_batch") or 8),
-                                   chunk_tokens=int(cfg.get("chunk_tokens") or 1024),
-                                   rank=state.process_index, world=state.num_processes,
-                                   device=state.device, reduce=reduce)
+        scores = {}
+        for c in contexts:  # the same first tokens of the stream, cut at each length
+            loss, count = heldout_loss(model, _at(stream, c), c["tokens"], c["seq_len"],
+                                       batch=int(c.get("micro_batch") or 8),
+                                       chunk_tokens=int(cfg.get("chunk_tokens") or 1024),
+                                       rank=state.process_index, world=state.num_processes,
+                                       device=state.device, reduce=reduce)
+            scores[str(c["seq_len"])] = {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4), "tokens": count}
+            if len(contexts) > 1:  # a length the checkpoint never trained at is scored, and marked
+                scores[str(c["seq_len"])]["beyond_trained"] = trained.get(name) is not None and c["seq_len"] > trained[name]
         params = sum(p.numel() for p in model.parameters())
-        results[name] = {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4),
-                         "tokens": count, "params": params}
+        first = scores[str(contexts[0]["seq_len"])]
+        results[name] = {"loss": first["loss"], "perplexity": first["perplexity"], "tokens": first["tokens"], "params": params}
+        if len(contexts) > 1:
+            results[name].update(contexts=scores, trained_context=trained.get(name))
         del model  # before the harness loads the checkpoint itself
         if harness_cfg:
             results[name]["harness"] = harness.run(
                 path, harness_cfg["tasks"], include=include, dtype=HARNESS_DTYPES[precision],
                 device=str(state.device), batch_size=int(harness_cfg.get("batch_size") or 8), log=ctx.log,
                 index=index)
-        ctx.log(f"eval {name}: loss {loss:.4f} (ppl {math.exp(loss):.2f}) on {count:,} tokens, {precision} "
+        at = ", ".join(f"{n}: {v['loss']:.4f}" for n, v in scores.items())
+        ctx.log(f"eval {name}: loss {first['loss']:.4f} (ppl {first['perplexity']:.2f}) on {first['tokens']:,} tokens"
+                f"{f' (by context {at})' if len(contexts) > 1 else ''}, {precision} "
                 f"on {state.num_processes} x {state.device.type}, {time.time() - started:.1f}s")
     if state.is_main_process:
         summary = {"checkpoints": results, "precision": precision, "processes": state.num_processes,
                    "device": state.device.type}
         (ctx.out / "eval.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     metrics = {"checkpoints": {k: v["loss"] for k, v in results.items()}}
+    if len(contexts) > 1:
+        metrics["contexts"] = {k: {n: s["loss"] for n, s in v["contexts"].items()} for k, v in results.items()}
     if harness_cfg:
         metrics["harness"] = {k: v["harness"] for k, v in results.items()}
     return metrics
+
+
+def _at(stream, context: dict):
+    """The stream one context reads: a mix's per-source windows depend on the sequence length."""
+    if isinstance(stream, MixStream) and context.get("sources"):
+        return MixStream(stream.streams, stream.weights, context["sources"])
+    return stream
 
 
 def _harness_tasks(ctx: StageContext, cfg: dict, state) -> list:

@@ -13,6 +13,7 @@ import json
 import shutil
 
 from ..context import StageContext
+from ..report import context_cell
 
 ROLE = "checkpoint:"
 
@@ -54,17 +55,22 @@ def card(info: dict, name: str, ref: str, results: dict) -> str:
     lines += [f"{i}. `{s['stage']}`: {s['what']}" for i, s in enumerate(info["steps"], 1)]
     if results:
         tasks = sorted({t for r in results.values() for t in (r.get("harness") or {})})
+        lengths = sorted({int(n) for r in results.values() for n in (r.get("contexts") or {})})
+        losses = [f"held-out loss at {n:,} tokens" for n in lengths] or ["held-out loss"]
         lines += ["", "## Results", "", "Held-out loss is mean next-token cross-entropy (nats/token) on the "
-                  "family's held-out data; every checkpoint of the child is scored on the same tokens.", "",
-                  "| " + " | ".join(["checkpoint", "held-out loss", *tasks]) + " |",
-                  "| " + " | ".join(["---", "---:", *("---:" for _ in tasks)]) + " |"]
+                  "family's held-out data; every checkpoint of the child is scored on the same tokens"
+                  + (" (at each context length; † marks a length longer than the checkpoint was trained on)" if lengths else "")
+                  + ".", "",
+                  "| " + " | ".join(["checkpoint", *losses, *tasks]) + " |",
+                  "| " + " | ".join(["---", *("---:" for _ in losses), *("---:" for _ in tasks)]) + " |"]
         for ckpt, r in results.items():
             cells = []
             for t in tasks:
                 metrics = (r.get("harness") or {}).get(t) or {}
                 cells.append(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "–")
             mark = " (this model)" if ckpt == ref else ""
-            lines.append("| " + " | ".join([f"{ckpt}{mark}", f"{r['loss']:.4f}", *cells]) + " |")
+            scores = [context_cell((r.get("contexts") or {}).get(str(n))) for n in lengths] or [f"{r['loss']:.4f}"]
+            lines.append("| " + " | ".join([f"{ckpt}{mark}", *scores, *cells]) + " |")
     lines += ["", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(PATH)`; nothing from cascadec is "
               "needed.", ""]
     return "\n".join(meta + lines)

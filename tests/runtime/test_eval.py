@@ -126,3 +126,40 @@ def test_two_processes_score_disjoint_shares_and_match_one(checkpoints, corpus, 
     for name in names:
         assert b["checkpoints"][name]["tokens"] == a["checkpoints"][name]["tokens"]
         assert b["checkpoints"][name]["loss"] == pytest.approx(a["checkpoints"][name]["loss"], abs=2e-6)
+
+
+def _contexts_stage(names, trained):
+    """The plan's eval at two lengths over the same 336 tokens: 21 sequences of 16, 7 of 48."""
+    st = _stage(names)
+    st["config"].update(contexts=[{"seq_len": SEQ, "tokens": TOKENS, "micro_batch": 4},
+                                  {"seq_len": 3 * SEQ, "tokens": TOKENS, "micro_batch": 2}],
+                        trained_context=trained)
+    return st
+
+
+def test_two_contexts_equal_two_single_context_evals_and_mark_the_longer(checkpoints, corpus, tmp_path):
+    names = ["untied", "tied"]
+    inputs = {f"checkpoint:{k}": checkpoints[k] for k in names}
+    both = context(tmp_path / "both", _contexts_stage(names, {"untied": SEQ, "tied": None}), inputs, corpus,
+                   cache=tmp_path / "cache")
+    metrics = eval_stage.run(both)
+    got = json.loads((both.out / "eval.json").read_text())["checkpoints"]
+    singles = {}
+    for seq_len, micro in ((SEQ, 4), (3 * SEQ, 2)):
+        st = _stage(names)
+        st["config"].update(seq_len=seq_len, micro_batch=micro)
+        one = context(tmp_path / f"one-{seq_len}", st, inputs, corpus, cache=tmp_path / "cache")
+        eval_stage.run(one)
+        singles[seq_len] = json.loads((one.out / "eval.json").read_text())["checkpoints"]
+    for name in names:
+        for seq_len in (SEQ, 3 * SEQ):
+            score, single = got[name]["contexts"][str(seq_len)], singles[seq_len][name]
+            assert (score["loss"], score["perplexity"], score["tokens"]) == (single["loss"], single["perplexity"], single["tokens"])
+        assert got[name]["contexts"][str(3 * SEQ)]["tokens"] == 7 * (3 * SEQ - 1)
+        # the first length is the headline, exactly as a single-length eval reports it
+        assert {k: got[name][k] for k in ("loss", "perplexity", "tokens", "params")} == singles[SEQ][name]
+        assert metrics["contexts"][name] == {str(n): singles[n][name]["loss"] for n in (SEQ, 3 * SEQ)}
+    assert got["untied"]["trained_context"] == SEQ
+    assert [got["untied"]["contexts"][str(n)]["beyond_trained"] for n in (SEQ, 3 * SEQ)] == [False, True]
+    assert [got["tied"]["contexts"][str(n)]["beyond_trained"] for n in (SEQ, 3 * SEQ)] == [False, False]  # unknown: unmarked
+    assert got["untied"]["contexts"][str(SEQ)]["loss"] != got["untied"]["contexts"][str(3 * SEQ)]["loss"]

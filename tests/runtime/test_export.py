@@ -48,3 +48,26 @@ def test_export_copies_each_checkpoint_and_writes_its_model_card(tmp_path):
         "| tiny-a/short (this model) | 2.2500 | bits_per_byte 0.875 |",
         "", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(PATH)`; nothing from cascadec is needed.",
         ""])
+
+
+def test_the_model_card_shows_one_loss_column_per_context_and_marks_untrained_lengths(tmp_path):
+    model = save_model(tmp_path / "m", "mistral", seed=0)
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"checkpoints": {
+        "tiny-a/short": {"loss": 3.25, "trained_context": 128, "contexts": {
+            "128": {"loss": 3.25, "beyond_trained": False}, "512": {"loss": 3.5, "beyond_trained": True}}},
+        "tiny-a/long": {"loss": 3.375, "trained_context": 512, "contexts": {
+            "128": {"loss": 3.375, "beyond_trained": False}, "512": {"loss": 3.0, "beyond_trained": False}}}}}))
+    stage = {"id": "export/tiny-a", "kind": "export", "hash": "t",
+             "inputs": [{"role": "checkpoint:tiny-a/long"}, {"role": "eval"}],
+             "config": {"names": ["long"], "checkpoints": ["tiny-a/long"], "card": CARD}}
+    ctx = context(tmp_path / "run", stage, {"checkpoint:tiny-a/long": model, "eval": ev}, {})
+    export.run(ctx)
+    card = (ctx.out / "long" / "README.md").read_text()
+    assert tf.AutoModelForCausalLM.from_pretrained(ctx.out / "long").num_parameters() > 0
+    assert "\n".join([
+        "| checkpoint | held-out loss at 128 tokens | held-out loss at 512 tokens |",
+        "| --- | ---: | ---: |",
+        "| tiny-a/short | 3.2500 | 3.5000 † |",
+        "| tiny-a/long (this model) | 3.3750 | 3.0000 |"]) in card
+    assert "(at each context length; † marks a length longer than the checkpoint was trained on)." in card

@@ -1,9 +1,11 @@
 """End to end: a smaller variant of the embedded default, run by the real CLI in a subprocess.
 
 Bootstraps a parent on the standard library, cuts three children, distills each from the parent
-and trains a from-scratch control per child on the same tokens, then checks the family report:
-its structure, every child beating its control, and the first child recovering most of the
-loss its pruning cost. Then a second run must find every stage up to date.
+and trains a from-scratch control per child on the same tokens (and for tiny-c one on as many
+tokens as its making spent), scores every checkpoint at 128 and 512 tokens of context, then checks
+the family report: its structure, every child beating its equal-tokens control, and the first
+child recovering most of the loss its pruning cost. Then a second run must find every stage up to
+date.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def family(tmp_path_factory):
 @pytest.mark.slow
 def test_every_stage_ran_and_the_report_is_where_the_run_says(family):
     root, report, out = family
-    assert "26 run, 0 up to date." in out
+    assert "27 run, 0 up to date." in out
     assert out.rstrip().endswith("report: ws/stages/report/tiny/report.md")
     folder = root / "ws" / "stages" / "report" / "tiny"
     md = (folder / "report.md").read_text()
@@ -79,9 +81,10 @@ def test_every_checkpoint_states_the_context_it_was_trained_for(family):
     spec = yaml.safe_load((root / "small.yaml").read_text())
     want = {"bootstrap/parent": spec["models"]["parent"]["source"]["bootstrap"]["seq_len"]}
     for c in ("tiny-a", "tiny-b", "tiny-c"):
-        want[f"control/{c}"] = 128
+        want[f"control/{c}/equal-tokens"] = 128
         want[f"distill/{c}/short"] = 128
         want[f"distill/{c}/long"] = 512
+    want["control/tiny-c/compute-matched"] = 128
     for sid, n in want.items():
         config = json.loads((root / "ws" / "stages" / sid / "model" / "config.json").read_text())
         assert config["max_position_embeddings"] == n, sid
@@ -97,7 +100,7 @@ def test_report_structure(family):
             assert isinstance(c[key], (int, float)), (c["child"], key)
         assert c["root"] == "parent" and c["tokens"] > 0
     # every stage of the plan is accounted for, with the tokens it was planned to see
-    assert len(report["stages"]) == 26
+    assert len(report["stages"]) == 27
     # written by the report stage itself, which is not finished while it writes
     assert [s["stage"] for s in report["stages"] if not s["done"]] == ["report/tiny"]
     for s in report["stages"]:
@@ -107,7 +110,8 @@ def test_report_structure(family):
     assert [r["stage"] for r in report["pruning"]] == [f"prune/tiny-{c}" for c in "abc"]
     for r in report["pruning"]:
         assert r["tokens"] > 0 and r["kl"] > 0 and r["loss"] > r["source_loss"] and 0 < r["top1_agreement"] < 1, r
-    assert set(report["curves"]) == {"bootstrap/parent", *(f"control/tiny-{c}" for c in "abc"),
+    assert set(report["curves"]) == {"bootstrap/parent", *(f"control/tiny-{c}/equal-tokens" for c in "abc"),
+                                      "control/tiny-c/compute-matched",
                                       *(f"distill/tiny-{c}/{p}" for c in "abc" for p in ("short", "long"))}
 
 
@@ -121,13 +125,32 @@ def test_distillation_beats_the_from_scratch_control_and_recovers_the_first_prun
         assert c["pruned_loss"] > c["parent_loss"]  # pruning costs something ...
     first = by["tiny-a"]
     assert first["gap_recovered"] > 0.5, first  # ... and distillation wins most of it back
+    # the compute-matched control: 292 + 3 x 70 + 17 steps of 2,048 tokens (bootstrap, the short phases
+    # tiny-c descends from, its long phase); its loss is reported whatever it shows
+    assert by["tiny-c"]["matched_tokens"] == 1_062_912 and isinstance(by["tiny-c"]["matched_loss"], float)
+    assert by["tiny-c"]["beats_matched"] == (by["tiny-c"]["loss"] < by["tiny-c"]["matched_loss"])
+    assert by["tiny-a"]["matched_loss"] is None
+
+
+@pytest.mark.slow
+def test_every_checkpoint_is_scored_at_short_and_long_context(family):
+    root, report, _ = family
+    assert set(report["contexts"]) == set(report["losses"])
+    for name, row in report["contexts"].items():
+        assert set(row) == {"128", "512"} and row["128"]["loss"] == report["losses"][name], name
+        assert row["512"]["tokens"] == 16_384 // 512 * 511 and row["128"]["tokens"] == 16_384 // 128 * 127
+        # only the long phases trained at 512: every other checkpoint is marked at 512, none at 128
+        assert row["512"]["beyond_trained"] == (not name.endswith("/long")), name
+        assert row["128"]["beyond_trained"] is False
+    md = (root / "ws" / "stages" / "report" / "tiny" / "report.md").read_text()
+    assert "| checkpoint | 128 tokens | 512 tokens |" in md
 
 
 @pytest.mark.slow
 def test_second_run_is_all_up_to_date_and_report_json_matches(family):
     root, report, _ = family
     again = _cli("run", "small.yaml", "--workdir", "ws", cwd=root, timeout=120)
-    assert again.returncode == 0 and "0 run, 26 up to date." in again.stdout
+    assert again.returncode == 0 and "0 run, 27 up to date." in again.stdout
     shown = _cli("report", "small.yaml", "--workdir", "ws", "--format", "json", cwd=root, timeout=120)
     assert shown.returncode == 0
     assert json.loads(shown.stdout)["children"] == report["children"]
