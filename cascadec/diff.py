@@ -188,7 +188,7 @@ def _changes(x, y) -> dict:
 
 def _input_changes(x: list, y: list) -> dict:
     """{`inputs.<role>`: (old, new)} for the inputs that went, came or point elsewhere, each
-    shown by what it reads (`stage control/tiny-c`, `model parent`, `data pretrain`)."""
+    shown by what it reads (`stage control/tiny-c/equal-tokens`, `model parent`, `data pretrain`)."""
     def what(i):
         return None if i is None else " ".join(f"{k} {i[k]}" for k in ("stage", "model", "data") if k in i) or _show(i)
 
