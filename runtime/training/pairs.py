@@ -207,10 +207,9 @@ def summary(accelerator, parts: dict, beta: float) -> dict:
 
 
 def refuse_unsupported(stage: dict) -> None:
-    """dpo and odpo run in one process or under DDP (`strategy: ddp`)."""
-    from .fsdp import strategy
+    """dpo and odpo run in one process or under DDP (`strategy: ddp`): the registry's rule, which the
+    executor also applies before a run starts."""
+    from ..registry import unrunnable
 
-    kind = stage.get("kind")
-    if (chosen := strategy(stage)) not in ("none", "ddp"):
-        raise ValueError(f"{kind} stages run in one process or under strategy ddp in this runtime, not {chosen} "
-                         f"(stage {stage.get('id')}); set `resources.strategy: ddp` on the step")
+    if why := unrunnable(stage):
+        raise ValueError(why)
