@@ -424,7 +424,8 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
         h = spec.eval.harness or {}
         for task in h.get("tasks", ()):
             if "generate" in task:
-                check_data(task["data"], (*task["at"], task["generate"]), "eval")
+                check_data(task["data"], (*task["at"], task["generate"]),
+                           "task accuracy" if task["generate"] == "tasks" else "eval")
         for i, name in enumerate(h.get("include", ())):
             check_data(name, ("eval", "harness", "include", i), "eval")
     return out
@@ -634,7 +635,8 @@ def _check_tasks(diag, d) -> None:
 
 # The record format each reader of a data source expects (docs/data.md).
 READS = {"distill": "text", "bootstrap": "text", "calibration": "text", "eval": "text",
-         "sft": "chat", "dpo": "preference", "odpo": "prompts", "grpo": "prompts"}
+         "sft": "chat", "dpo": "preference", "odpo": "prompts", "grpo": "prompts",
+         "task accuracy": "prompts"}
 
 
 def _check_format(diag, d, at, reader: str) -> None:

@@ -264,14 +264,17 @@ def _lengths(raw) -> tuple[int, ...]:
 
 
 HARNESS_BATCH = 8
-GENERATED = {"perplexity": {"limit": 100}, "next_line": {"choices": 4, "limit": 200}}
+GENERATED = {"perplexity": {"limit": 100}, "next_line": {"choices": 4, "limit": 200},
+             # task accuracy: small by default, it runs per checkpoint (benchmarks/task_accuracy.py)
+             "tasks": {"k": 4, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 32, "limit": 25, "seed": 0,
+                       "batch_size": 64}}
 
 
 def harness(raw: dict) -> dict:
     """`eval.harness` as the plan states it: every task a dict with all its settings.
 
     A named task keeps ``num_fewshot``/``limit`` null where neither it nor the block sets one (the
-    harness's own default); a generated task (`perplexity`, `next_line`) names its data source and
+    harness's own default); a generated task (`perplexity`, `next_line`, `tasks`) names its data source and
     gets its defaults written out, so the plan says exactly what is scored.
     """
     tasks = []

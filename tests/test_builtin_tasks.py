@@ -1,5 +1,5 @@
-"""`builtin: tasks` sources in the plan: defaults written out, only what the spec says about
-other sources (no new keys in their plans), exact errors."""
+"""`builtin: tasks` sources and `{tasks: DATA}` task accuracy in the plan: defaults written out,
+only what the spec says about other sources (no new keys in their plans), exact errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ TASKS = edit(("  chats: {kind: jsonl, paths: [\"data/chat/*.jsonl\"], format: ch
               "  chats: {kind: jsonl, paths: [\"data/chat/*.jsonl\"], format: chat},\n"
               "  sft: {kind: builtin, builtin: tasks, format: chat, think: true},\n"
               "  held: {kind: builtin, builtin: tasks, split: heldout, format: prompts, tasks: [function, expr]}}"),
-             text=BASE)
+             text=BASE) + """\
+eval:
+  data: web
+  tokens: 32K
+  seq_len: 128
+  harness:
+    tasks:
+      - {tasks: held}
+      - {tasks: held, k: 2, temperature: 0.6, limit: 20}
+"""
 
 
 def test_the_plan_writes_out_the_tasks_and_names_only_what_was_said():
@@ -20,6 +29,12 @@ def test_the_plan_writes_out_the_tasks_and_names_only_what_was_said():
                                    "split": None, "mix": {}, "stream": False, "shuffle": True, "tokens": None}
     assert plan["data"]["held"]["tasks"] == ["function", "expr"] and "think" not in plan["data"]["held"]
     assert "tasks" not in plan["data"]["web"] and "think" not in plan["data"]["web"]
+    ev = next(s for s in plan["stages"] if s["kind"] == "eval")
+    assert ev["config"]["harness"]["tasks"] == [
+        {"generate": "tasks", "data": "held", "k": 4, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 32,
+         "limit": 25, "seed": 0, "batch_size": 64},
+        {"generate": "tasks", "data": "held", "k": 2, "temperature": 0.6, "top_p": 1.0, "max_new_tokens": 32,
+         "limit": 20, "seed": 0, "batch_size": 64}]
 
 
 def test_a_misnamed_task_is_located_with_a_suggestion():
@@ -27,3 +42,10 @@ def test_a_misnamed_task_is_located_with_a_suggestion():
     assert plan is None
     assert diags == ["10:92: error[CSC360]: data 'held': unknown task 'reversal' | "
                      "did you mean 'reverse'? the built-in tasks are expr, sort, reverse, function"]
+
+
+def test_task_accuracy_reads_prompts():
+    diags, _ = outcome(TASKS.replace("{tasks: held}", "{tasks: sft}"))
+    assert diags == ["26:17: error[CSC285]: task accuracy reads prompts records, but data 'sft' holds chat records | "
+                     "point `data` at a prompts source, or give it `format: prompts` if its records are prompts "
+                     "(docs/data.md)"]

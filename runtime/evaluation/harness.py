@@ -1,7 +1,8 @@
 """lm-evaluation-harness tasks on a checkpoint: the benchmarks the field compares models by.
 
 Owns three things: the tasks cascadec writes itself from a plan data source (`perplexity`,
-`next_line`), the check that a named task's dataset can be had before anything is loaded (an
+`next_line`; and `tasks`, whose prompts it writes here and which accuracy.py scores itself: the
+harness has no sandbox for code tests), the check that a named task's dataset can be had before anything is loaded (an
 offline machine gets a clear error naming the dataset, not a hang), and the call into the
 harness with its results reduced to ``{task: {metric: value}}``.
 
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..data.readers import documents, source_files
+from ..data.readers import documents, records, source_files
 
 # Dataset loaders of the `datasets` library that read local files named in the task itself.
 LOCAL_LOADERS = {"json", "csv", "text", "parquet", "arrow", "pandas"}
@@ -47,6 +48,12 @@ def generate(task: dict, source: dict, out: Path) -> Path:
     name = task_name(task)
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
+    if task["generate"] == "tasks":  # prompts only: accuracy.py generates and grades, not the harness
+        records = _task_prompts(source, task["limit"])
+        if not records:
+            raise HarnessError(f"task accuracy {name}: data {task['data']!r} gave no prompts to score")
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return folder
     if task["generate"] == "perplexity":
         records = _perplexity_docs(source, task["limit"])
     else:
@@ -67,6 +74,22 @@ def generate(task: dict, source: dict, out: Path) -> Path:
                                    for m in METRICS["next_line"]])
     (folder / f"{name}.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
     return folder
+
+
+def _task_prompts(source: dict, limit: int) -> list[dict]:
+    """The first ``limit`` prompt records of each task (the record's `task`, else one task) of a
+    prompts source, with its system prompt written into the messages."""
+    from ..data.chat import _prompt_messages
+
+    out, per_task = [], {}
+    for _, path in source_files(source):
+        for where, record in records(path, source):
+            task = str(record.get("task", "all"))
+            if per_task.get(task, 0) < limit:
+                per_task[task] = per_task.get(task, 0) + 1
+                rest = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
+                out.append({"messages": _prompt_messages(record, where, source), **rest})
+    return out
 
 
 def _perplexity_docs(source: dict, limit: int) -> list[dict]:
@@ -118,6 +141,11 @@ def _draw(key: str, n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Running
+
+
+def needs_harness(tasks: list[dict]) -> bool:
+    """Whether any task is scored by lm-evaluation-harness (`{tasks: DATA}` is scored by accuracy.py)."""
+    return any(t.get("generate") != "tasks" for t in tasks)
 
 
 def task_index(include: list[Path]):
@@ -199,6 +227,12 @@ def run(model_dir: Path, tasks: list[dict], *, include: list[Path], dtype: str, 
         batch_size: int, log=print, index=None) -> dict[str, dict[str, float]]:
     """Every task on the checkpoint ``model_dir``: ``{task: {metric: value}}`` in the plan's order.
     ``index``: a `task_index(include)` to reuse across checkpoints (built here when None)."""
+    own = {i: t for i, t in enumerate(tasks) if t.get("generate") == "tasks"}  # scored by accuracy.py
+    scored = {i: _accuracy(model_dir, t, include, dtype=dtype, device=device, batch_size=batch_size, log=log)
+              for i, t in own.items()}
+    tasks = [t for i, t in enumerate(tasks) if i not in own]
+    if not tasks:
+        return {task_name(t): scored[i] for i, t in own.items()}
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -231,7 +265,25 @@ def run(model_dir: Path, tasks: list[dict], *, include: list[Path], dtype: str, 
                                    f"it reads {sets}") from None
             results[name] = reduce(out["results"], name)
             log(f"harness {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
+    for i, t in own.items():  # back in the plan's order
+        results = dict([*list(results.items())[:i], (task_name(t), scored[i]), *list(results.items())[i:]])
     return results
+
+
+def _accuracy(model_dir: Path, task: dict, include: list[Path], *, dtype: str, device: str, batch_size: int,
+              log) -> dict[str, float]:
+    """A `{tasks: DATA}` task, from the prompts `generate` wrote into one of the ``include`` folders."""
+    import torch
+
+    from . import accuracy
+
+    name = task_name(task)
+    found = [f for d in include if (f := Path(d) / name / f"{name}.jsonl").is_file()]
+    if not found:
+        raise HarnessError(f"task accuracy {name}: its prompts were not generated (no {name}.jsonl under "
+                           f"{', '.join(map(str, include)) or 'no folder'})")
+    return accuracy.run(model_dir, task, found[0], dtype=getattr(torch, dtype), device=device,
+                        batch_size=task.get("batch_size") or batch_size, log=log)
 
 
 def reduce(raw: dict, name: str) -> dict[str, float]:

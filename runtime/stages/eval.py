@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> dict:
     reduce = (lambda t: _sum(t, state)) if state.num_processes > 1 else None
     harness_cfg = cfg.get("harness")
     include = _harness_tasks(ctx, harness_cfg, state) if harness_cfg else []
-    index = harness.task_index(include) if harness_cfg else None  # once for every checkpoint
+    index = harness.task_index(include) if harness_cfg and harness.needs_harness(harness_cfg["tasks"]) else None
     contexts = cfg.get("contexts") or [{"seq_len": cfg["seq_len"], "tokens": cfg["tokens"], "micro_batch": cfg.get("micro_batch")}]
     trained = cfg.get("trained_context") or {}
     results = {}

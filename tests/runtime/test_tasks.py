@@ -89,6 +89,24 @@ def test_every_reference_function_passes_its_tests_and_the_wrong_one_fails(split
         assert not all(run_function(wrong, t) for t in p.tests), p
 
 
+@pytest.mark.slow
+def test_reference_functions_pass_their_hidden_tests_in_the_sandbox():
+    """The grading path itself: the sandbox runs the reference of each formula template."""
+    from cascadec.runtime.rollout.sandbox import run_tests
+
+    heldout = tasks.problems("function", "heldout")
+    shown = {}
+    for p in heldout:  # the first problem of each template
+        template = re.sub(r"\d+", "N", p.key)
+        shown.setdefault(template, p)
+    assert len(shown) == len(tasks.FUNCTIONS)
+    for p in shown.values():
+        results = run_tests(p.solution, list(p.tests))
+        assert [r.reason for r in results] == ["passed"] * 3, (p, results)
+        wrong = p.wrong.removeprefix("```python\n").removesuffix("\n```")
+        assert not all(r.passed for r in run_tests(wrong, list(p.tests)))
+
+
 def test_the_source_is_one_unit_the_generator_and_records_interleave():
     units = readers.source_files(source(split="heldout", format="prompts"))
     assert units == [("tasks/heldout", tasks.FILE)]
