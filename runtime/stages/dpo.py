@@ -41,8 +41,10 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"dpo: {len(records):,} pairs from {config['data']['name']} ({counts['truncated']:,} cut to {s.seq_len} "
             f"tokens, {counts['dropped']:,} dropped: prompt ≥ seq_len), {s.steps} steps of {s.global_batch}")
 
-    # 2. The reference's log-probs, once (cached in scratch), by the starting model before any update.
-    ref, cached = reference_logps(ctx, accelerator, model, records, pad_id=s.pad_id, micro=s.micro)
+    # 2. The reference's log-probs, once (cached in scratch), by the starting model before any update
+    #    (under fsdp a sharded frozen copy, dropped once they are computed: ranks > 0 hold no policy yet).
+    scorer = (lambda: pairs.frozen(ctx, s, None)) if s.sharded else (lambda: pairs.SequenceLogps(model))
+    ref, cached = reference_logps(ctx, accelerator, scorer, records, pad_id=s.pad_id, micro=s.micro)
 
     # 3. Optimiser, schedule, the loop.
     objective, optimizer, scheduler = pairs.prepare(ctx, s)
@@ -106,12 +108,14 @@ def cache_key(policy_dir: Path, records: list[tuple], seq_len: int) -> str:
     return h.hexdigest()
 
 
-def reference_logps(ctx: StageContext, accelerator, model, records: list[tuple], *, pad_id: int,
+def reference_logps(ctx: StageContext, accelerator, scorer, records: list[tuple], *, pad_id: int,
                     micro: int) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
-    """(chosen, rejected) log-probs [N] float32 of the starting ``model``; True when read from the cache.
+    """(chosen, rejected) log-probs [N] float32 of the starting model (``scorer()`` builds its
+    `SequenceLogps`, only when the cache misses); True when read from the cache.
 
     Micro-batch k of the pairs goes to process k mod processes, so the values do not depend on
-    the number of processes."""
+    the number of processes. Every process runs the same number of forwards (a sharded scorer
+    gathers each layer from all of them): one short of work repeats its last chunk, discarded."""
     key = None
     if accelerator.is_main_process:
         key = cache_key(ctx.inputs["policy"], records, int(ctx.config["seq_len"]))
@@ -120,14 +124,22 @@ def reference_logps(ctx: StageContext, accelerator, model, records: list[tuple],
     if path.is_file():
         cached = load_file(str(path))
         return (cached["chosen"], cached["rejected"]), True
+    model = scorer()
+    was_training = model.training
     model.eval()
+    starts, world = list(range(0, len(records), micro)), accelerator.num_processes
+    rounds = -(-len(starts) // world)
     mine = {}
-    for k, start in enumerate(range(0, len(records), micro)):
-        if k % accelerator.num_processes == accelerator.process_index:
-            chunk = records[start:start + micro]
-            both = pairs.logps(model, [a for a, _ in chunk] + [b for _, b in chunk], pad_id=pad_id,
-                               device=accelerator.device, micro=2 * micro, autocast=accelerator.autocast).cpu()
+    for r in range(rounds):
+        k = r * world + accelerator.process_index
+        start = starts[min(k, len(starts) - 1)]
+        chunk = records[start:start + micro]
+        both = pairs.logps(model, [a for a, _ in chunk] + [b for _, b in chunk], pad_id=pad_id,
+                           device=accelerator.device, micro=2 * micro, autocast=accelerator.autocast).cpu()
+        if k < len(starts):
             mine[start] = (both[:len(chunk)], both[len(chunk):])
+    model.train(was_training)
+    del model
     every = {start: v for part in gather_object([mine]) for start, v in part.items()}
     chosen = torch.cat([every[start][0] for start in sorted(every)])
     rejected = torch.cat([every[start][1] for start in sorted(every)])

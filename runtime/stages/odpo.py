@@ -37,7 +37,7 @@ from ..data.chat import Example
 from ..data.readers import Skips, source_files
 from ..rollout.generate import Sampling, engine
 from ..rollout.judges import Candidate, build_judge, preferences
-from ..training import loop, pairs
+from ..training import fsdp, loop, pairs
 from ..training.models import load_model
 
 SPLIT = ("generate_s", "judge_s", "reference_s", "update_s")  # where a step's time goes
@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> dict:
     s = pairs.setup(ctx)
     accelerator, tokenizer, seed, steps, micro = s.accelerator, s.tokenizer, s.seed, s.steps, s.micro
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    reference = load_model(s.policy_dir, dtype=_frozen_dtype(s.compute)).to(device).eval().requires_grad_(False)
+    reference = pairs.frozen(ctx, s, _frozen_dtype(s.compute))
     judge_name, judge_cfg = _the_judge(config)
     judge = build_judge(judge_name, judge_cfg, ctx.inputs.get(f"judge:{judge_name}"), device=device)
     strip = bool(config.get("strip_thinking", False))
@@ -68,9 +68,21 @@ def run(ctx: StageContext) -> dict:
             f"({counts['dropped']} longer than seq_len − max_new_tokens dropped), judge {judge_name} "
             f"({judge_cfg.get('kind')}), {steps} steps of {s.global_batch} prompts")
 
-    # 2. Optimiser, schedule; the engine (the policy's samples come from its live weights).
+    # 2. Optimiser, schedule; the engine. It samples from the policy's live weights; under fsdp from a
+    #    whole copy on each process (ranks decode different lengths, which sharded weights, gathered
+    #    layer by layer in lockstep, cannot), refreshed from the shards before each generation.
     objective, optimizer, scheduler = pairs.prepare(ctx, s)
-    policy_engine = engine(accelerator.unwrap_model(objective).model, tokenizer)
+    replica = None
+    if s.sharded:
+        replica = load_model(s.policy_dir, dtype=_frozen_dtype(s.compute)).to(device).eval().requires_grad_(False)
+    policy_engine = engine(replica if s.sharded else accelerator.unwrap_model(objective).model, tokenizer)
+
+    def refresh() -> None:
+        if s.sharded:
+            fsdp.copy_full(objective.model, replica)
+            policy_engine.update(replica)
+        else:
+            policy_engine.update(accelerator.unwrap_model(objective).model)
     state = loop.StepState(win_rate_start=None)
     spent, latest = dict.fromkeys(SPLIT, 0.0), {"win_rate": None}  # latest: the last win rate measured
 
@@ -79,13 +91,15 @@ def run(ctx: StageContext) -> dict:
                            [_candidate(c) for c in b], strip_thinking=strip, columns=[q.columns for q in batch])
 
     # 3. The win rate against the starting policy on the held-out prompts (each process a share).
+    #    The reference's answers come from the starting weights: the replica before any refresh (a
+    #    sharded reference cannot generate, see 2).
     mine = list(range(rank, len(heldout), world))
     with accelerator.autocast():
-        baseline = engine(reference, tokenizer).generate([heldout[i].ids for i in mine], sampling,
-                                                         seed=pairs.derive(seed, "win-rate", "reference"), keys=mine)
+        baseline = engine(replica if s.sharded else reference.model, tokenizer).generate(
+            [heldout[i].ids for i in mine], sampling, seed=pairs.derive(seed, "win-rate", "reference"), keys=mine)
 
     def win_rate() -> float:
-        policy_engine.update(accelerator.unwrap_model(objective).model)
+        refresh()
         with accelerator.autocast():
             ours = policy_engine.generate([heldout[i].ids for i in mine], sampling,
                                           seed=pairs.derive(seed, "win-rate", "policy"), keys=mine)
@@ -109,7 +123,7 @@ def run(ctx: StageContext) -> dict:
         slots = pairs.my_slots(step, s.global_batch, rank, world)
         batch = [pool[order(g)] for g in slots]
         clock = time.perf_counter()
-        policy_engine.update(accelerator.unwrap_model(objective).model)
+        refresh()
         with accelerator.autocast():
             samples = policy_engine.generate([q.ids for q in batch for _ in (0, 1)], sampling,
                                              seed=pairs.derive(seed, "sample", step),

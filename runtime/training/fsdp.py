@@ -115,6 +115,23 @@ def shard(module: torch.nn.Module, device: torch.device, *, mp: MixedPrecisionPo
     return module
 
 
+def is_sharded(module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+@torch.no_grad()
+def copy_full(sharded: torch.nn.Module, into: torch.nn.Module) -> None:
+    """Copy the whole parameters of ``sharded`` into the unsharded module ``into`` (same names; cast
+    to its dtype): each parameter gathered in turn, a collective every rank calls in the same order,
+    so no rank holds more than one gathered tensor besides ``into``. Buffers are not copied: they
+    do not train, and ``into`` was loaded with them."""
+    target = dict(into.named_parameters())
+    for name, param in sharded.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        target[name].copy_(full)
+        del full
+
+
 def local_params(module: torch.nn.Module) -> int:
     """Parameter elements this rank holds (its shards; whole tensors where not sharded)."""
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())

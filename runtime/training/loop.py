@@ -7,7 +7,8 @@ losses: the loops do, and call these pieces in the same order (see `train.train`
 A step checkpoint is `accelerator.save_state` (model, optimiser, RNG and every object registered
 for checkpointing: the scheduler and the loop's position) written to
 ``scratch/checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete, so the newest
-``step-*`` is always loadable.
+``step-*`` is always loadable. Under fsdp the model and optimiser are DCP shards and the rest a
+file per rank (`fsdp.save_state`).
 """
 
 from __future__ import annotations
@@ -231,11 +232,18 @@ def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, s
     """
     config = ctx.config
     ckpt_cfg, grad_clip = config.get("checkpoint") or {}, (config.get("optimizer") or {}).get("grad_clip")
-    accelerator.register_for_checkpointing(scheduler, state)
+    sharded = fsdp.is_sharded(objective)  # DCP shards instead of Accelerate's save_state (fsdp.py)
+    if not sharded:
+        accelerator.register_for_checkpointing(scheduler, state)
     checkpoints = checkpoint_dir(ctx, accelerator)
     resumed = latest(checkpoints)
-    if resumed:
+    if resumed and sharded:
+        extra = fsdp.load_state(resumed, objective, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        state.load_state_dict(extra["state"])
+    elif resumed:
         accelerator.load_state(str(resumed))
+    if resumed:
         ctx.log(f"resumed from {resumed.name}: step {state.step}")
     metrics = open_metrics(ctx, state.step, accelerator)
     accelerator.init_trackers(tracker_name(ctx))
@@ -247,7 +255,7 @@ def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, s
     record: dict = {}
     for step in range(start, total):
         record, postfix = one_step(step)
-        grad_norm = clip(accelerator, objective, grad_clip)
+        grad_norm = clip(accelerator, objective, grad_clip, sharded)
         step_lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -259,7 +267,9 @@ def run_steps(ctx: StageContext, accelerator, objective, optimizer, scheduler, s
         bar.update(1, **postfix)
         stop = state.step < total and agreed(accelerator, preempt.requested(ctx.scratch))
         if stop or due(state.step, total, ckpt_cfg):
-            save_checkpoint(accelerator, checkpoints, state.step, int(ckpt_cfg.get("keep", 2)))
+            extras = {"scheduler": scheduler.state_dict(), "state": state.state_dict()}
+            save_checkpoint(accelerator, checkpoints, state.step, int(ckpt_cfg.get("keep", 2)),
+                            (objective, optimizer, extras) if sharded else None)
         if stop:  # SIGUSR1 before a Slurm time limit: the requeued job resumes here (runtime/preempt.py)
             raise preempt.Preempted(state.step)
     bar.close()

@@ -7,7 +7,12 @@ Loss scaling under accumulation and processes: every pair of a step weighs 1/glo
 whatever the micro-batch and the number of processes (each process's micro-batch loss is the
 sum of its pairs' losses × processes / global_batch, and DDP averages the processes' gradients),
 so the update is the gradient of the step's mean loss: the TRL bug class of posttrain.md §4.6
-cannot occur.
+cannot occur. FSDP's reduce-scatter averages over processes as DDP's all-reduce does.
+
+Under `strategy: fsdp` the policy is sharded as distill's student is (one unit per decoder layer,
+rank 0 loads and broadcasts, DCP step checkpoints, a gathered save: `fsdp.py`), and a frozen model
+scored on every process is sharded like distill's teacher; every process then runs the same number
+of forwards, which `logps` and the stages keep true.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..context import StageContext
 from ..data.chat import Example
 from ..data.packing import RowOrder
 from ..data.stream import per_process
-from . import loop
+from . import fsdp, loop
 from .preference import dpo_loss, sequence_logps
 
 
@@ -39,11 +44,13 @@ class Setup:
     steps: int
     beta: float
     seed: int
-    compute: str  # Accelerate's mixed precision on this machine
+    compute: str  # the compute precision on this machine ("no", "bf16", "fp16")
     accelerator: object
-    model: object  # the policy, on the device, not yet prepared
+    model: object  # the policy, on the device (on meta on ranks > 0 under fsdp), not yet prepared
     tokenizer: object
     pad_id: int
+    sharded: bool = False  # strategy fsdp
+    own_group: bool = False  # a process group made here (a single fsdp process), destroyed by `save`
 
     @property
     def weight(self) -> float:
@@ -59,18 +66,25 @@ def setup(ctx: StageContext) -> Setup:
     from .models import load_model
 
     config = ctx.config
-    refuse_unsupported(ctx.stage)
+    sharded = fsdp.strategy(ctx.stage) == "fsdp"
+    if sharded and config.get("precision") == "fp16":
+        raise ValueError("precision fp16 is not supported with strategy fsdp (the compiler refuses it: CSC251); "
+                         "use precision bf16")
     policy_dir = Path(ctx.inputs["policy"])
     global_batch, micro, seed = int(config["global_batch"]), int(config.get("micro_batch") or 1), int(config.get("seed", 0))
     compute = loop.mixed_precision(config.get("precision", "fp32"))
-    accelerator = loop.accelerator(ctx, compute)
+    accelerator = loop.accelerator(ctx, "no" if sharded else compute)  # fsdp: its policy casts, not autocast
+    own_group = sharded and fsdp.init_process_group(accelerator.device)
     set_seed(seed)
     accum = per_process(global_batch, accelerator.num_processes, micro) // micro
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    empty = fsdp.empty_on_this_rank(ctx.stage)
+    model = load_model(policy_dir, empty=empty)
     return Setup(policy_dir=policy_dir, seq_len=int(config["seq_len"]), global_batch=global_batch, micro=micro,
                  accum=accum, steps=int(config["steps"]), beta=float(config["beta"]), seed=seed, compute=compute,
-                 accelerator=accelerator, model=load_model(policy_dir).to(accelerator.device), tokenizer=tokenizer,
-                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+                 accelerator=accelerator, model=model if empty else model.to(accelerator.device), tokenizer=tokenizer,
+                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                 sharded=sharded, own_group=own_group)
 
 
 def prepare(ctx: StageContext, s: Setup):
@@ -78,17 +92,39 @@ def prepare(ctx: StageContext, s: Setup):
     config = ctx.config
     if config.get("activation_checkpointing"):  # recompute each layer in backward (docs/plan.md, Estimates)
         s.model.activation_checkpointing_enable()
-    optimizer, scheduler = loop.make_optimizer(s.model, config.get("optimizer") or {}, config.get("schedule") or {},
-                                               s.steps)
+    opt_cfg, sched_cfg = config.get("optimizer") or {}, config.get("schedule") or {}
+    if s.sharded:  # one unit per decoder layer; the optimiser is built on the shards
+        objective = fsdp.shard(SequenceLogps(s.model).train(), s.accelerator.device, mp=fsdp.policy(s.compute))
+        optimizer, scheduler = loop.make_optimizer(objective.model, opt_cfg, sched_cfg, s.steps)
+        return objective, optimizer, scheduler
+    optimizer, scheduler = loop.make_optimizer(s.model, opt_cfg, sched_cfg, s.steps)
     objective, optimizer = s.accelerator.prepare(SequenceLogps(s.model).train(), optimizer)
     return objective, optimizer, scheduler
+
+
+def frozen(ctx: StageContext, s: Setup, dtype) -> "SequenceLogps":
+    """The starting checkpoint, frozen, as a `SequenceLogps` scorer on every process: sharded like
+    distill's teacher under fsdp unless the plan's estimate says a whole copy fits
+    (`fsdp.teacher_sharded`), else whole on the device."""
+    from .models import load_model
+
+    shard, why = fsdp.teacher_sharded(ctx.stage)
+    model = load_model(s.policy_dir, dtype=dtype, empty=fsdp.empty_on_this_rank(ctx.stage, teacher=True))
+    scorer = SequenceLogps(model).eval().requires_grad_(False)
+    if s.sharded:
+        ctx.log(f"{ctx.stage.get('kind')}: reference {why}")
+    return fsdp.shard(scorer, s.accelerator.device) if shard else scorer.to(s.accelerator.device)
 
 
 def save(ctx: StageContext, s: Setup, objective, metrics: Path):
     """The trained policy in the plan's precision, with its tokenizer and chat template; its dtype."""
     dtype = loop.save_dtype(ctx.config.get("precision"))
-    loop.save_final(ctx, s.accelerator, s.accelerator.unwrap_model(objective).model, dtype, s.tokenizer,
-                    s.policy_dir, metrics, chat_template=True)
+    if s.sharded:  # every rank takes part in gathering; rank 0 writes
+        fsdp.save_pretrained(objective.model, Path(ctx.out) / "model", dtype)
+    model = None if s.sharded else s.accelerator.unwrap_model(objective).model
+    loop.save_final(ctx, s.accelerator, model, dtype, s.tokenizer, s.policy_dir, metrics, chat_template=True)
+    if s.own_group:
+        torch.distributed.destroy_process_group()
     return dtype
 
 
@@ -149,12 +185,15 @@ class SequenceLogps(torch.nn.Module):
 
 
 @torch.no_grad()
-def logps(model, examples: list[Example], *, pad_id: int, device, micro: int, autocast=nullcontext) -> torch.Tensor:
-    """Summed completion log-probs [len(examples)] of a frozen ``model``, ``micro`` rows at a time."""
+def logps(scorer: SequenceLogps, examples: list[Example], *, pad_id: int, device, micro: int,
+          autocast=nullcontext) -> torch.Tensor:
+    """Summed completion log-probs [len(examples)] of a frozen ``scorer``, ``micro`` rows at a time
+    (a sharded scorer: every process must pass as many micro-batches)."""
     out = []
     for start in range(0, len(examples), micro):
         with autocast():
-            out.append(sequence_logps(model, *padded(examples[start:start + micro], pad_id, device)).float())
+            out.append(scorer(*padded(examples[start:start + micro], pad_id, device)).float())
+        fsdp.reshard(scorer)  # a sharded root keeps its gathered weights after forward otherwise
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
@@ -179,7 +218,11 @@ def update(accelerator, objective, micros: list[Micro], *, beta: float, weight: 
     parts: dict[str, list] = {k: [] for k in ("loss", "pi_a", "pi_b", "ref_a", "ref_b", "p")}
     for m, micro in enumerate(micros):
         last = m == len(micros) - 1
-        with (nullcontext() if last else accelerator.no_sync(objective)), accelerator.autocast():
+        if fsdp.is_sharded(objective):
+            sync = fsdp.gradient_sync(objective, last)
+        else:
+            sync = nullcontext() if last else accelerator.no_sync(objective)
+        with sync, accelerator.autocast():
             both = objective(*padded(micro.a + micro.b, pad_id, accelerator.device))
             pi_a, pi_b = both[:len(micro.a)], both[len(micro.a):]
             loss = dpo_loss(pi_a, pi_b, micro.ref_a, micro.ref_b, beta=beta, p=micro.p)
@@ -204,12 +247,3 @@ def summary(accelerator, parts: dict, beta: float) -> dict:
     return {"loss": every["loss"].mean().item(), "margin": margin.mean().item(),
             "accuracy": (margin > 0).float().mean().item(), "chosen_logps": chosen.mean().item(),
             "rejected_logps": rejected.mean().item()}
-
-
-def refuse_unsupported(stage: dict) -> None:
-    """dpo and odpo run in one process or under DDP (`strategy: ddp`): the registry's rule, which the
-    executor also applies before a run starts."""
-    from ..registry import unrunnable
-
-    if why := unrunnable(stage):
-        raise ValueError(why)

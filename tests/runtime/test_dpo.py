@@ -108,13 +108,36 @@ def test_reference_logps_are_the_starting_models_and_a_rerun_reads_them_from_the
     assert [r["loss"] for r in records(reference.out)] == [r["loss"] for r in records(ctx.out)]
 
 
-def test_fsdp_is_refused_with_the_fix(tiny_models, prefs, tmp_path):
-    ctx = context(tmp_path, tiny_models["student"], prefs)
-    ctx.stage["launch"] = {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "fsdp"}
-    with pytest.raises(ValueError, match=r"^dpo stages run in one process or under strategy ddp in this runtime, "
-                                         r"not fsdp \(stage dpo/tiny/instruct/dpo\); set `resources.strategy: ddp` "
-                                         r"on the step$"):
-        dpo.run(ctx)
+@pytest.mark.slow
+def test_two_fsdp_processes_match_one(tiny_models, prefs, tmp_path):
+    """Under fsdp the policy is sharded and the reference's log-probs come from a sharded frozen
+    copy, each process passing as many micro-batches (9 chunks over 2 processes: one repeats a
+    chunk and drops it); the same cached values, losses and weights as one process."""
+    from cascadec.runtime import executor
+
+    nine = tmp_path / "nine.jsonl"  # 9 pairs: 9 reference chunks, so one process runs a spare one
+    nine.write_text("".join(Path(prefs["paths"][0].replace("*.jsonl", "p.jsonl")).read_text().splitlines(True)[:9]))
+    prefs = {**prefs, "paths": [str(nine)]}
+    one = context(tmp_path / "one", tiny_models["student"], prefs, global_batch=4, steps=3)
+    dpo.run(one)
+    two = context(tmp_path / "two", tiny_models["student"], prefs, global_batch=4, steps=3)
+    two.stage["launch"] = {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "fsdp"}
+    two.stage["estimate"] = {"memory_gb": 100, "device_memory_gb": 80}  # no room for a whole reference
+    two.scratch.mkdir(parents=True)
+    lines = []
+    two.log = lines.append
+    result = executor._spawn(two)
+    assert (result["processes"], result["reference_logps"]) == (2, "computed"), "\n".join(lines[-40:])
+    assert any("reference sharded: the plan's estimate" in line for line in lines)
+    [c1], [c2] = [list((run.scratch / dpo.CACHE).iterdir()) for run in (one, two)]
+    v1, v2 = load_file(str(c1)), load_file(str(c2))
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(v1[side], v2[side], rtol=0, atol=1e-5)
+    assert [r["loss"] for r in records(two.out)] == pytest.approx([r["loss"] for r in records(one.out)], rel=1e-5)
+    a = load_file(str(one.out / "model" / "model.safetensors"))
+    b = AutoModelForCausalLM.from_pretrained(two.out / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
 def test_order_reads_every_record_once_per_epoch_and_depends_only_on_the_slot():

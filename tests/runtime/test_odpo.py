@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tinymodels import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cascadec.runtime import executor
+from cascadec.runtime import executor, preempt
 from cascadec.runtime.context import StageContext
 from cascadec.runtime.data.chat import DEFAULT_TEMPLATE
 from cascadec.runtime.stages import odpo
@@ -154,15 +154,19 @@ def test_sigkill_mid_odpo_then_resume_gives_bit_identical_weights(policy, prompt
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(policy, prompts, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(policy, prompts, tmp_path, strategy):
     """Same global batch of 8 prompts: one process takes all 8 (4 micro-batches), two take 4 each.
     Every sample is drawn from (seed, step, slot), so both runs judge and train on the same pairs;
-    weights within 1e-5 (the gradient all-reduce sums in another order)."""
+    weights within 1e-5 (the gradient all-reduce sums in another order). Under fsdp the policy and
+    the reference are sharded (the plan's estimate gives no room for a whole reference) and the
+    samples come from a whole copy refreshed from the shards: the same samples, the same weights."""
     st = stage(steps=4, win_rate={"prompts": 8, "every_steps": 2},
                optimizer={**ODPO["config"]["optimizer"], "lr": 1e-3, "min_lr": 1e-4})
     one = context(tmp_path / "one", st, policy, prompts)
     odpo.run(one)
-    two_stage = {**st, "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "ddp"}}
+    two_stage = {**st, "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": strategy},
+                 "estimate": {"memory_gb": 100, "device_memory_gb": 80}}
     two = context(tmp_path / "two", two_stage, policy, prompts)
     two.scratch.mkdir(parents=True)
     lines = []
@@ -175,8 +179,33 @@ def test_two_processes_match_one(policy, prompts, tmp_path):
     assert [s for s, _ in wins[0]] == [s for s, _ in wins[1]] == [0, 2, 4]
     assert [w for _, w in wins[1]] == pytest.approx([w for _, w in wins[0]], rel=1e-5)
     a, b = weights(one.out), weights(two.out)
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    if strategy == "fsdp":
+        assert any("reference sharded: the plan's estimate" in line for line in lines), "\n".join(lines[-40:])
+        assert AutoModelForCausalLM.from_pretrained(two.out / "model").config.model_type == "mistral"
+
+
+@pytest.mark.slow
+def test_fsdp_stopped_then_resumed_gives_the_uninterrupted_weights(policy, prompts, tmp_path):
+    """Two fsdp processes stopped after step 1 (a DCP step checkpoint: shards, optimiser, schedule,
+    RNG) and relaunched reach exactly the weights of an uninterrupted two-process run."""
+    st = {**stage(steps=4, win_rate={"prompts": 4, "every_steps": 2}, checkpoint={"every_steps": 100, "keep": 2}),
+          "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": "fsdp"}}
+    whole = context(tmp_path / "whole", st, policy, prompts)
+    whole.scratch.mkdir(parents=True)
+    executor._spawn(whole)
+    run = context(tmp_path / "run", st, policy, prompts)
+    run.scratch.mkdir(parents=True)
+    (run.scratch / preempt.STOP_FILE).write_text("")  # asked before it starts: it stops after step 1
+    with pytest.raises(preempt.Preempted):
+        executor._spawn(run)
+    preempt.clear(run.scratch)
+    result = executor._spawn(run)
+    assert result["resumed_from_step"] == 1, result
+    a, b = weights(whole.out), weights(run.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
