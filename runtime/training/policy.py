@@ -165,19 +165,6 @@ def token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
                          clipped_high=float((up * m).sum()), kl_sum=kl_sum)
 
 
-@torch.no_grad()
-def entropy(hidden: torch.Tensor, weight: torch.Tensor, *, chunk_tokens: int = 1024) -> torch.Tensor:
-    """[N] float32 entropy of softmax(h Wᵀ) per row of ``hidden`` [N, H], ``chunk_tokens`` rows of
-    logits at a time (never [N, V] at once); a metric, so without gradient."""
-    out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
-                      device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        z = (hidden[start:start + chunk_tokens] @ weight.to(hidden.dtype).T).to(out.dtype)
-        logp = torch.log_softmax(z, -1)
-        out[start:start + chunk_tokens] = -(logp.exp() * logp).sum(-1)
-    return out
-
-
 def truncated(finishes: list[str]) -> torch.Tensor:
     """[B] bool: completions that did not end on their own (finish "length" or "loop"): TRL's
     ``mask_truncated_completions`` masks those whose last token is not EOS; cascadec also counts a

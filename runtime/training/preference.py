@@ -67,6 +67,17 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     ``chunk_tokens`` scored positions at a time, in forward and in backward (`_TokenLogps`): only
     the scored rows' logits ever exist, one chunk of them at a time, never [B, T, V].
     """
+    rows, _, token_logps, _ = scored_logps(model, input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens)
+    out = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, rows, token_logps)
+
+
+def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+                 chunk_tokens: int = 1024, entropy: bool = False):
+    """Per scored token: ``(rows, cols, logps, entropies)`` where ``loss_mask[rows, cols + 1] == 1``
+    (the hidden state at ``cols`` predicts token ``cols + 1``), ``logps`` [N] float32 and
+    differentiable as in `sequence_logps`; ``entropies`` [N] of the model's next-token distribution
+    there (no gradient, chunked the same way) when ``entropy``, else None."""
     if loss_mask.shape != input_ids.shape or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and "
                          f"loss_mask {tuple(loss_mask.shape)} must have one shape")
@@ -78,10 +89,25 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
     rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)  # the hidden state at t − 1 predicts token t
-    token_logps = _TokenLogps.apply(hidden[rows, cols], model.get_output_embeddings().weight,
-                                    input_ids[rows, cols + 1], chunk_tokens)
-    out = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, rows, token_logps)
+    scored, weight = hidden[rows, cols], model.get_output_embeddings().weight
+    token_logps = _TokenLogps.apply(scored, weight, input_ids[rows, cols + 1], chunk_tokens)
+    entropies = None
+    if entropy:
+        entropies = _entropy(scored.detach(), weight.detach(), chunk_tokens)
+    return rows, cols, token_logps, entropies
+
+
+@torch.no_grad()
+def _entropy(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """[N] float32 entropy of softmax(h Wᵀ) per row, the logits made one chunk at a time."""
+    mm = _matmul_dtype(hidden)
+    out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(mm)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            logp = torch.log_softmax((hidden[start:start + chunk_tokens].to(mm) @ w.T).to(out.dtype), -1)
+            out[start:start + chunk_tokens] = -(logp.exp() * logp).sum(-1)
+    return out
 
 
 class _TokenLogps(torch.autograd.Function):

@@ -238,14 +238,6 @@ def test_gradient_accumulation_equals_one_large_batch():
         torch.testing.assert_close(head.weight.grad, whole, rtol=1e-12, atol=1e-15)
 
 
-def test_entropy_in_chunks_equals_the_full_softmax():
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(11, 6, generator=g, dtype=torch.float64)
-    weight = torch.randn(13, 6, generator=g, dtype=torch.float64)
-    p = torch.softmax(hidden @ weight.T, -1)
-    torch.testing.assert_close(policy.entropy(hidden, weight, chunk_tokens=4), -(p * p.log()).sum(-1))
-
-
 def test_truncated_and_reward_stats():
     assert policy.truncated(["eos", "stop", "length", "loop"]).tolist() == [False, False, True, True]
     stats = policy.reward_stats({"math": [1.0, 0.0, None, 1.0], "none": [None]})

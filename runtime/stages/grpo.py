@@ -1,0 +1,289 @@
+"""The `grpo` stage: group-relative policy optimisation on prompts (`format: prompts`), Magistral's way.
+
+Owns the on-policy step: which prompts a step reads, the groups it keeps, and its metrics.
+Generation is `rollout/generate.py`'s engine, rewards `rollout/rewards.py`'s (in worker
+processes), the arithmetic `training/policy.py`'s, per-token log-probs `training/preference.py`'s,
+setup, optimiser, checkpoints and the final save `training/pairs.py` and `training/loop.py`'s.
+
+Each step (one optimiser step; Magistral's n_batch = n_minibatch):
+
+    global_batch prompts ─▶ G samples each (generation.samples) from the current policy
+        ─▶ every reward of config.judges, weighted and summed (`rewards.score`, `rewards.total`)
+        ─▶ groups whose G rewards are all equal are dropped; the shortfall is drawn again from
+           the next prompts, at most `refill_rounds` extra rounds (a step may train on fewer)
+        ─▶ advantages over the kept groups (`policy.advantages`, config.scale_rewards)
+        ─▶ the clipped objective, normalised by config.loss_type, summed over micro-batches
+
+The sampling policy is the policy being trained and there is one update per batch, so the old
+log-probs are the current ones, detached: the ratio is exactly 1 in the forward pass and only its
+gradient (∇ log π) drives the update, as in TRL with num_iterations = 1. num_iterations > 1 (μ
+updates on one batch) is refused. A completion no reward applies to (every reward returned None)
+takes its group's mean reward: advantage 0 before the minibatch normalisation (TRL's rule).
+
+Determinism: the prompt drawn at global slot g is `pairs.Order`'s; sample k of it is drawn with
+seed derive(stage seed, "sample", step) and key G·g + k, and the next slot is saved with every
+step checkpoint. So a resumed run draws exactly the samples and prompts of an uninterrupted one.
+One process only in this runtime (the refill makes the processes' batches unequal).
+docs/runtime.md, "GRPO".
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+from ..context import StageContext
+from ..data.chat import Example
+from ..rollout import rewards as rewarding
+from ..rollout.generate import Sampling, engine
+from ..training import loop, pairs, policy
+from ..training.models import load_model
+from ..training.preference import scored_logps
+from .odpo import _lap, read_prompts
+
+SPLIT = ("generate_s", "reward_s", "update_s")  # where a step's time goes
+
+
+def run(ctx: StageContext) -> dict:
+    config = ctx.config
+    o = options(config)
+    gen = config.get("generation") or {}
+    group = int(gen.get("samples", 8))
+    sampling = Sampling(temperature=float(gen.get("temperature", 1.0)), top_p=float(gen.get("top_p", 1.0)),
+                        max_new_tokens=int(gen.get("max_new_tokens", 256)), stop=tuple(gen.get("stop") or ()))
+
+    # 1. The policy (trained), the reference only when beta > 0, the rewards; the prompts.
+    s = pairs.setup(ctx)
+    accelerator, tokenizer, seed, steps, micro = s.accelerator, s.tokenizer, s.seed, s.steps, s.micro
+    if accelerator.num_processes != 1:
+        raise ValueError(f"grpo runs in one process in this runtime, not {accelerator.num_processes} "
+                         f"(stage {ctx.stage.get('id')}); set `resources.devices: 1` on the step")
+    device = accelerator.device
+    reference = None
+    if o["beta"] > 0:
+        reference = load_model(s.policy_dir).to(device).eval().requires_grad_(False)
+    scorers = rewarding.build_rewards(config.get("judges") or {})
+    weights = {name: w for name, (_, w) in scorers.items()}
+    pool, _, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, 0, seed)
+    order = pairs.Order(len(pool), seed, bool(config["data"].get("shuffle", True)))
+    ctx.log(f"grpo: {len(pool):,} prompts, {steps} steps of {s.global_batch} groups of {group}, rewards "
+            f"{', '.join(f'{n} ×{w:g}' for n, w in weights.items())}, loss {o['loss_type']}, advantages "
+            f"{o['scale_rewards']}")
+
+    # 2. Optimiser, schedule; the engine samples from the live weights.
+    objective, optimizer, scheduler = prepare(ctx, s)
+    policy_engine = engine(accelerator.unwrap_model(objective).model, tokenizer)
+    workers = int(config.get("reward_workers", 0))
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if workers > 0 else None
+    state = loop.StepState(slot=0)
+    spent = dict.fromkeys(SPLIT, 0.0)
+
+    def one_step(step: int):
+        clock = time.perf_counter()
+        policy_engine.update(accelerator.unwrap_model(objective).model)
+        kept, seen = [], {"groups": 0, "dropped": 0, "rounds": 0, "tokens": 0, "generate_s": 0.0}
+        samples_all, scores_all = [], {name: [] for name in scorers}
+        while len(kept) < s.global_batch and seen["rounds"] <= o["refill_rounds"]:
+            first = state.extra["slot"]
+            slots = range(first, first + s.global_batch - len(kept))
+            state.extra["slot"] = slots.stop
+            batch = [pool[order(g)] for g in slots]
+            start = time.perf_counter()
+            with accelerator.autocast():
+                samples = policy_engine.generate([q.ids for q in batch for _ in range(group)], sampling,
+                                                 seed=pairs.derive(seed, "sample", step),
+                                                 keys=[group * g + k for g in slots for k in range(group)])
+            seen["generate_s"] += time.perf_counter() - start
+            seen["tokens"] += sum(len(c.ids) for c in samples)
+            clock = _lap(spent, "generate_s", clock)
+            prompts = [q for q in batch for _ in range(group)]
+            scores = rewarding.score(scorers, [q.messages for q in prompts], samples, columns(prompts),
+                                     workers=workers, pool=executor)
+            clock = _lap(spent, "reward_s", clock)
+            totals = filled(rewarding.total(scores, weights), group)
+            constant = policy.constant_groups(torch.tensor(totals, dtype=torch.float64), group).tolist()
+            for j, q in enumerate(batch):
+                rows = range(j * group, (j + 1) * group)
+                if not (constant[j] and o["drop_constant_groups"]):
+                    kept.append((q, [samples[i] for i in rows], [totals[i] for i in rows]))
+            samples_all += samples
+            for name in scorers:
+                scores_all[name] += scores[name]
+            seen["groups"] += len(batch)
+            seen["dropped"] += sum(constant) if o["drop_constant_groups"] else 0
+            seen["rounds"] += 1
+        parts = update(accelerator, objective, reference, kept, group, o, micro=micro, pad_id=s.pad_id,
+                       max_new_tokens=sampling.max_new_tokens)
+        _lap(spent, "update_s", clock)
+        record = {**parts, **policy.reward_stats(scores_all),
+                  **sample_stats(samples_all, kept, group, seen, weights, scores_all),
+                  "prompts": state.extra["slot"], "tokens": (step + 1) * s.global_batch * group * s.seq_len}
+        return record, {"reward": f"{record['reward_mean']:.3f}", "kept": f"{len(kept)}/{seen['groups']}",
+                        "len": f"{record['mean_length']:.0f}", "ent": _shown(record["entropy"]),
+                        "gen_tok_s": f"{record['gen_tokens_per_s']:,.0f}"}
+
+    try:
+        done = loop.run_steps(ctx, accelerator, objective, optimizer, scheduler, state, steps, one_step)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+
+    # 3. The final model, in the plan's precision, with its tokenizer and chat template.
+    dtype = pairs.save(ctx, s, objective, done["metrics"])
+    last = done["record"]
+    keep = ("loss", "reward_mean", "reward_std", "dropped_share", "clip_low", "clip_high", "entropy", "mean_length",
+            "truncated_share", "gen_tokens_per_s")
+    return {"steps": steps, "prompts": len(pool), "prompts_drawn": state.extra["slot"],
+            "epochs": round(order.epochs(state.extra["slot"]), 4), "group_size": group,
+            "rewards": sorted(scorers), **{"final_" + k: last.get(k) for k in keep},
+            **{k: round(v, 3) for k, v in spent.items()}, "resumed_from_step": done["start"],
+            "wall_s": round(done["wall"], 3), "processes": 1, "dtype": str(dtype).removeprefix("torch."), **counts}
+
+
+# The plan's GRPO settings and their defaults: Magistral's preset (docs/runtime.md, "GRPO").
+MAGISTRAL = {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "magistral", "scale_rewards": "minibatch",
+             "mask_truncated_completions": False, "drop_constant_groups": True, "refill_rounds": 2,
+             "num_iterations": 1}
+
+
+def options(config: dict) -> dict:
+    """The step's GRPO settings (the plan's, Magistral's preset for any it lacks), checked."""
+    o = {k: config.get(k, v) for k, v in MAGISTRAL.items()}
+    if o["epsilon_high"] is None:  # TRL's rule: no epsilon_high clips symmetrically
+        o["epsilon_high"] = o["epsilon"]
+    if int(o["num_iterations"]) != 1:
+        raise ValueError(f"num_iterations {o['num_iterations']}: this runtime makes one update per batch of "
+                         f"samples (Magistral's n_batch = n_minibatch); set `num_iterations: 1`")
+    if o["loss_type"] not in policy.LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {o['loss_type']!r}; expected one of {', '.join(policy.LOSS_TYPES)}")
+    if o["scale_rewards"] not in policy.SCALES:
+        raise ValueError(f"unknown scale_rewards {o['scale_rewards']!r}; expected one of {', '.join(policy.SCALES)}")
+    return {**o, "beta": float(o["beta"]), "epsilon": float(o["epsilon"]), "epsilon_high": float(o["epsilon_high"]),
+            "refill_rounds": int(o["refill_rounds"])}
+
+
+class TokenLogps(torch.nn.Module):
+    """The policy as one module whose forward gives per-token log-probs and entropies
+    (`preference.scored_logps`), so Accelerate sees a single forward."""
+
+    def __init__(self, model, chunk_tokens: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, attention_mask, loss_mask):
+        return scored_logps(self.model, input_ids, attention_mask, loss_mask, chunk_tokens=self.chunk_tokens,
+                            entropy=True)
+
+
+def prepare(ctx: StageContext, s: pairs.Setup):
+    """(objective, optimizer, scheduler): the policy as `TokenLogps`, prepared by Accelerate."""
+    config = ctx.config
+    if config.get("activation_checkpointing"):
+        s.model.activation_checkpointing_enable()
+    optimizer, scheduler = loop.make_optimizer(s.model, config.get("optimizer") or {}, config.get("schedule") or {},
+                                               s.steps)
+    objective, optimizer = s.accelerator.prepare(TokenLogps(s.model).train(), optimizer)
+    return objective, optimizer, scheduler
+
+
+def columns(prompts: list) -> dict[str, list]:
+    """The records' fields as reward columns, aligned with the completions (TRL's **kwargs)."""
+    keys = sorted({k for q in prompts for k in q.columns})
+    out = {"answer": [q.answer for q in prompts], "tests": [q.tests for q in prompts],
+           "rubric": [q.rubric for q in prompts]}
+    out.update({k: [q.columns.get(k) for q in prompts] for k in keys if k not in out})
+    return out
+
+
+def filled(totals: list[float | None], group: int) -> list[float]:
+    """None (no reward applied) → the mean of its group's other rewards (0 when none applies)."""
+    out = []
+    for start in range(0, len(totals), group):
+        part = totals[start:start + group]
+        known = [v for v in part if v is not None]
+        mean = sum(known) / len(known) if known else 0.0
+        out += [mean if v is None else float(v) for v in part]
+    return out
+
+
+def matrix(rows, cols, values, shape, device) -> torch.Tensor:
+    """[B, T − 1] with ``values`` at (rows, cols), 0 elsewhere (differentiable in ``values``)."""
+    out = torch.zeros(shape, dtype=values.dtype, device=device)
+    return out.index_put((rows, cols), values)
+
+
+def update(accelerator, objective, reference, kept: list, group: int, o: dict, *, micro: int, pad_id: int,
+           max_new_tokens: int) -> dict:
+    """Forward and backward of the kept groups (no optimiser step); the loss and its metrics.
+
+    Advantages and the normaliser's weights are computed over the whole batch first, so the cut
+    into micro-batches of ``micro`` completions changes nothing (`policy` module docstring).
+    """
+    if not kept:
+        return {"loss": None, "groups": 0, "clip_low": None, "clip_high": None, "entropy": None, "kl": None}
+    device = accelerator.device
+    examples = [Example(ids=[*q.ids, *c.ids], mask=[0] * len(q.ids) + [1] * len(c.ids))
+                for q, completions, _ in kept for c in completions]
+    rewards = torch.tensor([r for _, _, totals in kept for r in totals], dtype=torch.float64)
+    adv = policy.advantages(rewards, group, o["scale_rewards"]).to(device)
+    finishes = [c.finish for _, completions, _ in kept for c in completions]
+    counted = torch.tensor([m[1:] for m in _padded_masks(examples)], dtype=torch.float64)
+    if o["mask_truncated_completions"]:
+        counted[policy.truncated(finishes)] = 0.0
+    weights = policy.sequence_weights(counted, group, o["loss_type"], max_completion_length=max_new_tokens).to(device)
+    totals = {"loss": 0.0, "tokens": 0.0, "low": 0.0, "high": 0.0, "kl": 0.0, "entropy": 0.0, "scored": 0.0}
+    for start in range(0, len(examples), micro):
+        end = start + micro
+        ids, attention, trained = pairs.padded(examples[start:end], pad_id, device)
+        shape = (ids.shape[0], ids.shape[1] - 1)
+        mask = counted[start:end, :shape[1]].to(device)
+        with accelerator.autocast():
+            rows, cols, logps, entropy = objective(ids, attention, trained)
+            ref = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref = matrix(rows, cols, scored_logps(reference, ids, attention, trained)[2].float(), shape, device)
+            logp = matrix(rows, cols, logps.float(), shape, device)
+            parts = policy.token_loss(logp, logp.detach(), adv[start:end], mask, weights[start:end],
+                                      epsilon=o["epsilon"], epsilon_high=o["epsilon_high"], beta=o["beta"],
+                                      ref_logps=ref)
+            accelerator.backward(parts.loss)
+        totals["loss"] += float(parts.loss.detach())
+        totals["tokens"] += parts.tokens
+        totals["low"] += parts.clipped_low
+        totals["high"] += parts.clipped_high
+        totals["kl"] += parts.kl_sum
+        totals["entropy"] += float(entropy.sum())
+        totals["scored"] += entropy.numel()
+    tokens = max(totals["tokens"], 1.0)
+    return {"loss": totals["loss"], "groups": len(kept), "clip_low": totals["low"] / tokens,
+            "clip_high": totals["high"] / tokens, "kl": totals["kl"] / tokens,
+            "entropy": totals["entropy"] / max(totals["scored"], 1.0)}
+
+
+def _shown(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _padded_masks(examples: list[Example]) -> list[list[int]]:
+    width = max(len(e.ids) for e in examples)
+    return [list(e.mask) + [0] * (width - len(e.mask)) for e in examples]
+
+
+def sample_stats(samples: list, kept: list, group: int, seen: dict, weights: dict, scores: dict) -> dict:
+    """Over every completion generated this step (the dropped groups' too): the weighted reward's mean
+    and spread, lengths, the truncated (finish length or loop) and loop shares, generation tok/s;
+    the share of groups dropped and the refill rounds beyond the first."""
+    totals = [v for v in rewarding.total(scores, weights) if v is not None]
+    reward = torch.tensor(totals or [0.0], dtype=torch.float64)
+    lengths = torch.tensor([len(c.ids) for c in samples], dtype=torch.float64)
+    return {"reward_mean": float(reward.mean()), "reward_std": float(reward.std(unbiased=False)),
+            "groups_generated": seen["groups"], "dropped_share": seen["dropped"] / max(seen["groups"], 1),
+            "refill_rounds": seen["rounds"] - 1, "mean_length": float(lengths.mean()),
+            "truncated_share": sum(c.finish in ("length", "loop") for c in samples) / len(samples),
+            "loop_rate": sum(c.looped for c in samples) / len(samples),
+            "gen_tokens_per_s": seen["tokens"] / max(seen["generate_s"], 1e-9)}
