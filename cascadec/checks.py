@@ -10,7 +10,7 @@ import math
 
 import networkx as nx
 
-from . import judging, mix, resolve, rewarding
+from . import grpo, judging, mix, resolve, rewarding
 from .diagnostics import Diagnostic, did_you_mean
 from .presets import expand
 from .shapes import config_errors, param_count, reachable
@@ -270,6 +270,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                 diag("CSC321", f"odpo '{ref}' asks for {t.settings['generation.samples']} samples per prompt; online DPO "
                      "judges one pair", t.settings.at.get("generation.samples", t.at),
                      "set `generation: {samples: 2}` (several samples per prompt are grpo's)")
+        _check_grpo(diag, doc, t, ref)
         if isinstance(t.tokens, Share):
             if spec.budget_tokens is None:
                 diag("CSC215", f"'{ref}' asks for a share of the family budget, but `budget.tokens` is not set",
@@ -550,6 +551,34 @@ FUNCTION_KINDS = {  # the kinds a Python `function` is, and its contract
     "callable": "a function f(prompts, a, b, **columns) -> P(a beats b) per pair",
     "reward_function": "a function f(prompts, completions, **columns) -> one float or None per completion",
 }
+
+
+def _check_grpo(diag, doc, t, ref: str) -> None:
+    """CSC350–CSC354: a step's GRPO settings (cascadec/grpo.py) are given once and can run."""
+    if t.kind != "grpo":
+        for key in [k for k in (*grpo.STEP_KEYS, "clip") if k in t.options]:
+            diag("CSC354", f"`{key}` is a grpo setting; {t.kind} '{ref}' does not use it", (*t.at, key),
+                 f"remove `{key}` from this {t.kind} step", key=True)
+        return
+    clip = t.options.get("clip") or {}
+    for side, key in (("low", "epsilon"), ("high", "epsilon_high")):
+        if side in clip and key in t.options:
+            diag("CSC350", f"grpo '{ref}' sets its {side} ratio clip twice: `clip.{side}` and `{key}`", (*t.at, key),
+                 f"keep one spelling: `{key}: {t.options[key]}` (TRL's name) or `clip: {{{side}: {clip[side]}}}`",
+                 key=True)
+    for key, (setting, spelling) in grpo.ALIASES.items():
+        group, name = setting.split(".")
+        if key in t.options and (*t.at, group, name) in doc.spans:
+            diag("CSC351", f"grpo '{ref}' sets `{key}` (TRL's name) and `{setting}`, one setting twice", (*t.at, key),
+                 f"keep one: `{key}: {t.options[key]}` or `{spelling}`", key=True)
+    if t.settings["generation.samples"] < 2:
+        diag("CSC352", f"grpo '{ref}' draws {t.settings['generation.samples']} sample per prompt: a group of one has "
+             "no spread, so every advantage is 0", t.settings.at.get("generation.samples", t.at),
+             "set `num_generations: 8` (or `generation: {samples: 8}`); Magistral's groups hold 16 samples")
+    if t.options.get("num_iterations", 1) != 1:
+        diag("CSC353", f"grpo '{ref}' asks for {t.options['num_iterations']} updates per batch of samples; this runtime "
+             "makes one (Magistral: n_batch = n_minibatch, the old policy is the sampling one)",
+             (*t.at, "num_iterations"), "set `num_iterations: 1`, or sample more often instead (a smaller `batch.global`)")
 
 
 def _check_judge(diag, j) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import estimate, mix, resolve, rewarding
+from . import estimate, grpo, mix, resolve, rewarding
 from .shapes import Shape, param_count
 from .source import where
 from .spec import ChildSpec, FamilySpec, Training
@@ -381,9 +381,15 @@ class Builder:
                 config["win_rate"] = {**WIN_RATE, **win}
                 prov["config.win_rate"] = f"spec:{at}.win_rate" if win else "default"
             else:
-                clip = t.options.get("clip", {})
-                config["clip"] = {"low": clip.get("low", 0.2), "high": clip.get("high", 0.28)}
-                prov["config.clip"] = f"spec:{at}.clip" if clip else "default: Magistral's clip-higher (0.2, 0.28)"
+                settings, given = grpo.resolve(t.options)
+                preset = f"spec:{at}.preset" if "preset" in t.options else f"default: the {settings['preset']} preset"
+                prov["config.preset"] = preset if "preset" in t.options else "default"
+                for key, how in given.items():
+                    named = "clip" if key.startswith("epsilon") and "clip" in t.options else key
+                    if key != "beta" or "beta" not in t.options:
+                        config[key] = settings[key]
+                        prov[f"config.{key}"] = f"spec:{at}.{named}" if how == "spec" else preset
+                config["preset"] = settings["preset"]
         else:
             config["tokens"] = w.tokens
         launch, lprov = _launch(t.settings)

@@ -11,7 +11,7 @@ import hashlib
 from decimal import Decimal
 from fractions import Fraction
 
-from . import counts
+from . import counts, grpo
 from .presets import PRESETS, expand
 from .schema import family_schema
 from .shapes import Shape, from_hf_config
@@ -89,9 +89,13 @@ def _training(raw: dict, kind: str, at: tuple, inherited: Settings, assumed: lis
     settings = _inherit(inherited, raw, at, assumed)
     options = {}
     for key in ("rope", "max_position_embeddings", "assistant_only", "judge", "rewards", "clip",
-                "strip_thinking", "win_rate"):
+                "strip_thinking", "win_rate", *grpo.STEP_KEYS):
         if key in raw:
             options[key] = raw[key]
+    for key, (setting, _) in grpo.ALIASES.items():  # TRL's names for two generation settings
+        if key in raw:
+            settings.values[setting], settings.provenance[setting] = raw[key], f"spec:{where((*at, key))}"
+            settings.at[setting] = (*at, key)
     if "beta" in raw:
         options["beta"], _ = _unwrap(raw["beta"], (*at, "beta"), assumed)
     budget = raw.get("tokens")

@@ -35,6 +35,8 @@ from multiprocessing import get_context
 
 import torch
 
+from cascadec import grpo as settings
+
 from ..context import StageContext
 from ..data.chat import Example
 from ..rollout import rewards as rewarding
@@ -76,7 +78,7 @@ def run(ctx: StageContext) -> dict:
     # 2. Optimiser, schedule; the engine samples from the live weights.
     objective, optimizer, scheduler = prepare(ctx, s)
     policy_engine = engine(accelerator.unwrap_model(objective).model, tokenizer)
-    workers = int(config.get("reward_workers", 0))
+    workers = o["reward_workers"]
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if workers > 0 else None
     state = loop.StepState(slot=0)
     spent = dict.fromkeys(SPLIT, 0.0)
@@ -143,10 +145,7 @@ def run(ctx: StageContext) -> dict:
             "wall_s": round(done["wall"], 3), "processes": 1, "dtype": str(dtype).removeprefix("torch."), **counts}
 
 
-# The plan's GRPO settings and their defaults: Magistral's preset (docs/runtime.md, "GRPO").
-MAGISTRAL = {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "magistral", "scale_rewards": "minibatch",
-             "mask_truncated_completions": False, "drop_constant_groups": True, "refill_rounds": 2,
-             "num_iterations": 1}
+MAGISTRAL = settings.PRESETS[settings.DEFAULT_PRESET]  # a plan without a setting takes the default preset's
 
 
 def options(config: dict) -> dict:
@@ -162,7 +161,7 @@ def options(config: dict) -> dict:
     if o["scale_rewards"] not in policy.SCALES:
         raise ValueError(f"unknown scale_rewards {o['scale_rewards']!r}; expected one of {', '.join(policy.SCALES)}")
     return {**o, "beta": float(o["beta"]), "epsilon": float(o["epsilon"]), "epsilon_high": float(o["epsilon_high"]),
-            "refill_rounds": int(o["refill_rounds"])}
+            "refill_rounds": int(o["refill_rounds"]), "reward_workers": int(o["reward_workers"])}
 
 
 class TokenLogps(torch.nn.Module):

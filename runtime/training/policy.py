@@ -48,8 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCALES = ("minibatch", "group", "batch", "none")
-LOSS_TYPES = ("magistral", "grpo", "dr_grpo", "dapo")
+from cascadec.grpo import LOSS_TYPES, SCALES  # noqa: F401 (the names the plan may use)
 STD_EPS = 1e-4  # TRL's: keeps a group (or batch) whose rewards barely differ finite
 
 

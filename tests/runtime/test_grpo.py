@@ -191,7 +191,10 @@ def test_a_completion_no_reward_applies_to_takes_its_groups_mean():
 
 
 def test_options_default_to_the_magistral_preset_and_refuse_bad_names():
-    assert grpo.options({}) == {**grpo.MAGISTRAL, "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28}
+    assert grpo.options({}) == {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "magistral",
+                                "scale_rewards": "minibatch", "mask_truncated_completions": False,
+                                "drop_constant_groups": True, "refill_rounds": 2, "num_iterations": 1,
+                                "reward_workers": 2}
     assert grpo.options({"epsilon": 0.1, "epsilon_high": None})["epsilon_high"] == 0.1
     with pytest.raises(ValueError, match="unknown loss_type 'bnpo'; expected one of magistral, grpo, dr_grpo, dapo"):
         grpo.options({"loss_type": "bnpo"})
