@@ -20,7 +20,7 @@ gradient (∇ log π) drives the update, as in TRL with num_iterations = 1. num_
 updates on one batch) is refused. A completion no reward applies to (every reward returned None)
 takes its group's mean reward: advantage 0 before the minibatch normalisation (TRL's rule).
 
-Determinism: the prompt drawn at global slot g is `pairs.Order`'s; sample k of it is drawn with
+Determinism: the prompt drawn at global slot g is `pairs.order`'s; sample k of it is drawn with
 seed derive(stage seed, "sample", step) and key G·g + k, and the next slot is saved with every
 step checkpoint. So a resumed run draws exactly the samples and prompts of an uninterrupted one.
 One process only in this runtime (the refill makes the processes' batches unequal).
@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> dict:
     scorers = rewarding.build_rewards(config.get("judges") or {})
     weights = {name: w for name, (_, w) in scorers.items()}
     pool, _, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, 0, seed)
-    order = pairs.Order(len(pool), seed, bool(config["data"].get("shuffle", True)))
+    order = pairs.order(len(pool), seed, bool(config["data"].get("shuffle", True)))
     ctx.log(f"grpo: {len(pool):,} prompts, {steps} steps of {s.global_batch} groups of {group}, rewards "
             f"{', '.join(f'{n} ×{w:g}' for n, w in weights.items())}, loss {o['loss_type']}, advantages "
             f"{o['scale_rewards']}")
