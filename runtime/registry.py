@@ -41,6 +41,24 @@ STAGES = {
 }
 
 
+# Launch strategies a kind runs under, where it does not take every one the plan can name.
+# grpo: its generation and update do not take fsdp yet (dpo and odpo do: a gathered replica samples,
+# `training/pairs.py`); until then a plan is refused before its first stage, not days into it.
+STRATEGIES = {"grpo": ("none", "ddp")}
+
+
+def unrunnable(stage: dict) -> str | None:
+    """Why ``stage`` cannot run in this runtime (its kind, or its kind under its launch strategy)."""
+    kind = stage.get("kind")
+    if why := missing(kind):
+        return why
+    chosen = (stage.get("launch") or {}).get("strategy") or "none"
+    if chosen not in STRATEGIES.get(kind, (chosen,)):
+        return (f"{kind} stages run in one process or under strategy ddp in this runtime, not {chosen} "
+                f"(stage {stage.get('id')}); set `resources.strategy: ddp` on the step")
+    return None
+
+
 def missing(kind: str) -> str | None:
     """Why ``kind`` cannot run in this runtime, or None when it can."""
     fn = STAGES.get(kind)

@@ -65,7 +65,11 @@ def setup(ctx: StageContext) -> Setup:
 
     from .models import load_model
 
+    from ..registry import unrunnable
+
     config = ctx.config
+    if why := unrunnable(ctx.stage):  # grpo under fsdp, when a stage is started without the executor
+        raise ValueError(why)
     sharded = fsdp.strategy(ctx.stage) == "fsdp"
     if sharded and config.get("precision") == "fp16":
         raise ValueError("precision fp16 is not supported with strategy fsdp (the compiler refuses it: CSC251); "
