@@ -41,21 +41,21 @@ STAGES = {
 }
 
 
-# Launch strategies a kind runs under, where it does not take every one the plan can name.
-# grpo: its generation and update do not take fsdp yet (dpo and odpo do: a gathered replica samples,
-# `training/pairs.py`); until then a plan is refused before its first stage, not days into it.
-STRATEGIES = {"grpo": ("none", "ddp")}
+# Kinds that run in one process only. grpo: refilling dropped groups makes the processes' batches
+# unequal (runtime/stages/grpo.py); a plan that gives it more devices (the Ministral 3 spec's fsdp
+# stages) is refused before its first stage runs, not days into the plan.
+ONE_PROCESS = {"grpo"}
 
 
 def unrunnable(stage: dict) -> str | None:
-    """Why ``stage`` cannot run in this runtime (its kind, or its kind under its launch strategy)."""
+    """Why ``stage`` cannot run in this runtime (its kind, or its kind on its launch)."""
     kind = stage.get("kind")
     if why := missing(kind):
         return why
-    chosen = (stage.get("launch") or {}).get("strategy") or "none"
-    if chosen not in STRATEGIES.get(kind, (chosen,)):
-        return (f"{kind} stages run in one process or under strategy ddp in this runtime, not {chosen} "
-                f"(stage {stage.get('id')}); set `resources.strategy: ddp` on the step")
+    devices = int((stage.get("launch") or {}).get("devices") or 1)
+    if kind in ONE_PROCESS and devices != 1:
+        return (f"{kind} runs in one process in this runtime, not {devices} (stage {stage.get('id')}); "
+                "set `resources.devices: 1` on the step")
     return None
 
 

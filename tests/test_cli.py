@@ -355,9 +355,9 @@ def test_dry_run_of_a_plan_with_post_training_stages_exits_2(tmp_path):
     lines = run.out.splitlines()
     assert [line for line in lines if line.endswith("up to date.")] == ["45 to run, 0 up to date."]
     assert {line.split()[1].split("/")[0] for line in lines if line.startswith("run ")} >= {"sft", "odpo", "grpo"}
-    # every kind runs; grpo does not take fsdp yet, and the Ministral 3 spec plans it under fsdp
+    # every kind runs; grpo runs in one process yet, and the Ministral 3 spec gives it 256 devices
     assert [line for line in lines if line.startswith("warning:")] == [
-        "warning: a run would refuse to start: grpo stages run in one process or under strategy ddp in this runtime, "
-        "not fsdp (stage grpo/ministral-3-14b/reasoning/grpo-stem); set `resources.strategy: ddp` on the step; "
+        "warning: a run would refuse to start: grpo runs in one process in this runtime, not 256 "
+        "(stage grpo/ministral-3-14b/reasoning/grpo-stem); set `resources.devices: 1` on the step; "
         "--only can select the stages that do not need it"]
     assert not (tmp_path / "w").exists()  # a dry run writes nothing

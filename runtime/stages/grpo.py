@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> dict:
     # 1. The policy (trained), the reference only when beta > 0, the rewards; the prompts.
     s = pairs.setup(ctx)
     accelerator, tokenizer, seed, steps, micro = s.accelerator, s.tokenizer, s.seed, s.steps, s.micro
-    if accelerator.num_processes != 1:
+    if accelerator.num_processes != 1:  # the executor refuses such a plan first (registry.ONE_PROCESS)
         raise ValueError(f"grpo runs in one process in this runtime, not {accelerator.num_processes} "
                          f"(stage {ctx.stage.get('id')}); set `resources.devices: 1` on the step")
     device = accelerator.device

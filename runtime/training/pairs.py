@@ -68,7 +68,7 @@ def setup(ctx: StageContext) -> Setup:
     from ..registry import unrunnable
 
     config = ctx.config
-    if why := unrunnable(ctx.stage):  # grpo under fsdp, when a stage is started without the executor
+    if why := unrunnable(ctx.stage):  # grpo on several devices, when a stage is started without the executor
         raise ValueError(why)
     sharded = fsdp.strategy(ctx.stage) == "fsdp"
     if sharded and config.get("precision") == "fp16":

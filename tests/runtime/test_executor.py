@@ -221,12 +221,12 @@ def test_unimplemented_kinds_fail_before_anything_runs(calls, monkeypatch, tmp_p
 
 
 def test_a_kind_under_a_strategy_it_cannot_run_fails_before_anything_runs(calls, tmp_path):
-    """A grpo stage planned under fsdp is refused before the stages ahead of it spend their hours."""
+    """A grpo stage planned on 8 devices is refused before the stages ahead of it spend their hours."""
     late = stage("b", ["a"], kind="grpo")
     late["launch"] = {"devices": 8, "nodes": 1, "launcher": "accelerate", "strategy": "fsdp"}
     plan = plan_of(stage("a"), late)
-    assert run(plan, tmp_path) == (1, ["error: grpo stages run in one process or under strategy ddp in this runtime, "
-                                       "not fsdp (stage b); set `resources.strategy: ddp` on the step; "
+    assert run(plan, tmp_path) == (1, ["error: grpo runs in one process in this runtime, not 8 (stage b); "
+                                       "set `resources.devices: 1` on the step; "
                                        "--only can select the stages that do not need it"])
     assert calls == []
 
