@@ -120,14 +120,16 @@ def first_code_block(text: str) -> str | None:
 class CodeTests:
     """The first code block after the reasoning, run against the record's ``tests`` in the
     sandbox: 1 when all pass, else 0 (Magistral §7.4.1 kept this binary reward); with
-    ``fraction``, the share of tests passed."""
+    ``fraction``, the share of tests passed. Identical code for the same tests within one call (a
+    group's samples often agree) runs once: the tests are deterministic programs, so a second run
+    could differ only by a timeout on a loaded machine."""
 
     timeout_s: float = 4.0
     memory_mb: int = 300
     fraction: bool = False
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
-        out = []
+        out, done = [], {}  # (code, tests) -> score: a group's identical answers run in the sandbox once
         for text, tests in zip(completions, _column(columns, "tests", len(completions))):
             if not tests:
                 out.append(None)
@@ -136,10 +138,13 @@ class CodeTests:
             if code is None:
                 out.append(0.0)
                 continue
-            results = run_tests(code, list(tests), timeout_s=self.timeout_s, memory_mb=self.memory_mb,
-                                stop_on_failure=not self.fraction)
-            passed = sum(r.passed for r in results)
-            out.append(passed / len(results) if self.fraction else float(passed == len(results)))
+            key = (code, tuple(tests))
+            if key not in done:
+                results = run_tests(code, list(tests), timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+                                    stop_on_failure=not self.fraction)
+                passed = sum(r.passed for r in results)
+                done[key] = passed / len(results) if self.fraction else float(passed == len(results))
+            out.append(done[key])
         return out
 
 

@@ -96,6 +96,19 @@ def test_code_tests_in_the_sandbox():
     assert reward([[]], [hang], tests=[TESTS]) == [0.0]
 
 
+def test_identical_code_for_the_same_tests_runs_once(monkeypatch):
+    from cascadec.runtime.rollout import rewards
+
+    runs = []
+    real = rewards.run_tests
+    monkeypatch.setattr(rewards, "run_tests", lambda code, tests, **kw: runs.append(code) or real(code, tests, **kw))
+    other = ["assert double(3) == 6"]
+    got = CodeTests(timeout_s=5)([[]] * 5, [CODE_OK, CODE_OK, CODE_WRONG, CODE_OK, CODE_OK],
+                                 tests=[TESTS, TESTS, TESTS, TESTS, other])
+    assert got == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert len(runs) == 3  # CODE_OK and CODE_WRONG on TESTS, CODE_OK on the other tests
+
+
 @pytest.mark.parametrize("length", [0, 79, 80, 81, 90, 99, 100, 101, 1000])
 def test_length_penalty_is_magistral_eq1(length):
     l_max, l_cache = 100, 20
