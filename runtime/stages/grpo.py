@@ -166,16 +166,22 @@ def options(config: dict) -> dict:
 
 class TokenLogps(torch.nn.Module):
     """The policy as one module whose forward gives per-token log-probs and entropies
-    (`preference.scored_logps`), so Accelerate sees a single forward."""
+    (`preference.scored_logps`), so Accelerate sees a single forward.
 
-    def __init__(self, model, chunk_tokens: int = 1024):
+    Scored at the sampling temperature T, softmax(z / T), the distribution the samples were drawn
+    from (as TRL does): the policy gradient is then ∇ log π_T. Scored at T = 1 while sampling at
+    T ≠ 1, a negative advantage would hand the sampled token's mass out by π_1, which is not the
+    distribution the advantage was measured under. The entropy metric is π_T's too."""
+
+    def __init__(self, model, chunk_tokens: int = 1024, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, loss_mask):
         return scored_logps(self.model, input_ids, attention_mask, loss_mask, chunk_tokens=self.chunk_tokens,
-                            entropy=True)
+                            entropy=True, temperature=self.temperature)
 
 
 def prepare(ctx: StageContext, s: pairs.Setup):
@@ -185,7 +191,8 @@ def prepare(ctx: StageContext, s: pairs.Setup):
         s.model.activation_checkpointing_enable()
     optimizer, scheduler = loop.make_optimizer(s.model, config.get("optimizer") or {}, config.get("schedule") or {},
                                                s.steps)
-    objective, optimizer = s.accelerator.prepare(TokenLogps(s.model).train(), optimizer)
+    temperature = float((config.get("generation") or {}).get("temperature", 1.0)) or 1.0
+    objective, optimizer = s.accelerator.prepare(TokenLogps(s.model, temperature=temperature).train(), optimizer)
     return objective, optimizer, scheduler
 
 
@@ -235,6 +242,7 @@ def update(accelerator, objective, reference, kept: list, group: int, o: dict, *
         counted[policy.truncated(finishes)] = 0.0
     weights = policy.sequence_weights(counted, group, o["loss_type"], max_completion_length=max_new_tokens).to(device)
     totals = {"loss": 0.0, "tokens": 0.0, "low": 0.0, "high": 0.0, "kl": 0.0, "entropy": 0.0, "scored": 0.0}
+    temperature = accelerator.unwrap_model(objective).temperature  # the reference is scored as the policy is
     for start in range(0, len(examples), micro):
         end = start + micro
         ids, attention, trained = pairs.padded(examples[start:end], pad_id, device)
@@ -245,7 +253,8 @@ def update(accelerator, objective, reference, kept: list, group: int, o: dict, *
             ref = None
             if reference is not None:
                 with torch.no_grad():
-                    ref = matrix(rows, cols, scored_logps(reference, ids, attention, trained)[2].float(), shape, device)
+                    ref = matrix(rows, cols, scored_logps(reference, ids, attention, trained,
+                                                          temperature=temperature)[2].float(), shape, device)
             logp = matrix(rows, cols, logps.float(), shape, device)
             parts = policy.token_loss(logp, logp.detach(), adv[start:end], mask, weights[start:end],
                                       epsilon=o["epsilon"], epsilon_high=o["epsilon_high"], beta=o["beta"],

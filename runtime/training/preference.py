@@ -73,7 +73,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
-                 chunk_tokens: int = 1024, entropy: bool = False):
+                 chunk_tokens: int = 1024, entropy: bool = False, temperature: float = 1.0):
     """Per scored token: ``(rows, cols, logps, entropies)`` where ``loss_mask[rows, cols + 1] == 1``
     (the hidden state at ``cols`` predicts token ``cols + 1``), ``logps`` [N] float32 and
     differentiable as in `sequence_logps`; ``entropies`` [N] of the model's next-token distribution
@@ -90,6 +90,8 @@ def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
                          use_cache=False).last_hidden_state
     rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)  # the hidden state at t − 1 predicts token t
     scored, weight = hidden[rows, cols], model.get_output_embeddings().weight
+    if temperature != 1.0:  # the sampling distribution softmax(z / T): (h / T) Wᵀ = z / T
+        scored = scored / temperature
     token_logps = _TokenLogps.apply(scored, weight, input_ids[rows, cols + 1], chunk_tokens)
     entropies = None
     if entropy:

@@ -215,3 +215,9 @@ def test_scored_logps_and_entropies_equal_the_full_logits(policy):
     torch.testing.assert_close(entropies, -(full.exp() * full).sum(-1)[rows, cols])
     torch.testing.assert_close(sequence_logps(model, ids, attention, trained, chunk_tokens=3),
                                torch.zeros(2, dtype=logps.dtype).index_add(0, rows, logps))
+    # at the sampling temperature: the log-probs and entropies of softmax(z / T), as the samples were drawn
+    _, _, hot, hot_entropies = scored_logps(model, ids, attention, trained, chunk_tokens=3, entropy=True,
+                                            temperature=0.7)
+    tempered = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits / 0.7, -1)
+    torch.testing.assert_close(hot, tempered[rows, cols].gather(-1, ids[rows, cols + 1, None]).squeeze(-1))
+    torch.testing.assert_close(hot_entropies, -(tempered.exp() * tempered).sum(-1)[rows, cols])
