@@ -79,6 +79,7 @@ class DataSpec:
     on_error: str | None = None  # bad records: fail (None) or skip (counted)
     tasks: tuple[str, ...] | None = None  # builtin tasks: which (all four when the spec names none)
     think: bool | None = None  # builtin tasks: worked steps inside <think>…</think>
+    mistakes: float | None = None  # builtin tasks: share of chat records with a wrong final answer
     stream: bool
     shuffle: bool
     tokens: int | None

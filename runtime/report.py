@@ -16,6 +16,7 @@ from cascadec.draw import mermaid
 from cascadec.text import si
 
 TRAINING = ("bootstrap", "distill", "control", "sft", "dpo", "odpo", "grpo")
+POST_TRAINING = ("sft", "dpo", "odpo", "grpo")  # a variant's steps: <kind>/<child>/<variant>/<step>
 
 
 def _read_json(path: Path):
@@ -36,7 +37,7 @@ def collect(plan: dict, workdir: Path) -> dict:
     """Everything the report shows, as plain data (this is also `--format json`)."""
     workdir = Path(workdir)
     stages = {s["id"]: s for s in plan["stages"]}
-    losses, benchmarks, contexts = {}, {}, {}
+    losses, benchmarks, contexts, scored = {}, {}, {}, {}
     for sid, s in stages.items():
         if s["kind"] == "eval":
             ev = _read_json(workdir / "stages" / sid / "eval.json")
@@ -46,6 +47,7 @@ def collect(plan: dict, workdir: Path) -> dict:
                     contexts[name] = r["contexts"]
                 if r.get("harness"):
                     benchmarks[name] = {task: headline(m) for task, m in r["harness"].items()}
+                    scored[name] = r["harness"]
     children = []
     for name, m in plan["models"].items():
         if m["role"] != "child":
@@ -97,7 +99,62 @@ def collect(plan: dict, workdir: Path) -> dict:
     return {"family": plan["family"], "spec_sha256": plan["spec_sha256"], "children": children,
             "losses": losses, "contexts": contexts, "benchmarks": benchmarks, "stages": spent, "pruning": pruning,
             "curves": {k: v for k, v in curves.items() if v}, "mixes": mixes, "totals": plan["totals"],
-            "task_order": _task_order(plan)}
+            "task_order": _task_order(plan), **variants(plan, workdir, children, scored)}
+
+
+def variants(plan: dict, workdir: Path, children: list[dict], scored: dict) -> dict:
+    """The post-training view: per child, its base checkpoint then every variant's steps in order,
+    with held-out task accuracy (the first `{tasks: DATA}` harness task: greedy accuracy, pass@1,
+    pass@k, mean length, loop rate, accuracy per task), the odpo judge's win rate and the grpo
+    reward's first and last steps; the root parent's accuracy beside them; reward and win-rate
+    curves per stage."""
+    from .evaluation.harness import task_name
+
+    accuracy_tasks = [task_name(t) for s in plan["stages"] if s["kind"] == "eval"
+                      for t in ((s.get("config") or {}).get("harness") or {}).get("tasks", []) if t.get("generate") == "tasks"]
+    task = next(iter(dict.fromkeys(accuracy_tasks)), None)
+    posts = [s for s in plan["stages"] if s["kind"] in POST_TRAINING]
+    if not posts:
+        return {"variants": [], "accuracy_task": task, "reward_curves": {}, "win_rate_curves": {}}
+
+    def scores(checkpoint: str) -> dict | None:
+        return (scored.get(checkpoint) or {}).get(task) if task else None
+
+    rows, rewards, wins = [], {}, {}
+    for c in children:
+        name, final = c["child"], None
+        phases = [s for s in plan["stages"] if s["kind"] == "distill" and s["id"].split("/")[1] == name]
+        if phases:
+            final = f"{name}/{phases[-1]['config']['phase']}"
+        mine = [s for s in posts if s["id"].split("/")[1] == name]
+        if not mine:
+            continue
+        rows.append({"child": name, "variant": "parent", "step": c["root"], "kind": None, "checkpoint": c["root"],
+                     "accuracy": scores(c["root"])})
+        rows.append({"child": name, "variant": "base", "step": final.split("/", 1)[1] if final else None,
+                     "kind": "distill", "checkpoint": final, "accuracy": scores(final) if final else None})
+        order = list(dict.fromkeys(s["id"].split("/")[2] for s in mine))
+        for variant in order:
+            for s in (s for s in mine if s["id"].split("/")[2] == variant):
+                checkpoint = s["id"].split("/", 1)[1]
+                folder = workdir / "stages" / s["id"]
+                result = (_read_json(folder / "manifest.json") or {}).get("metrics") or {}
+                lines = _metrics(folder / "metrics.jsonl")
+                row = {"child": name, "variant": variant, "step": checkpoint.rsplit("/", 1)[1], "kind": s["kind"],
+                       "checkpoint": checkpoint, "accuracy": scores(checkpoint)}
+                if s["kind"] == "odpo":
+                    row["win_rate"], row["win_rate_start"] = result.get("win_rate"), result.get("win_rate_start")
+                    wins[s["id"]] = [(r["step"], r["win_rate"]) for r in lines if r.get("win_rate") is not None]
+                if s["kind"] == "grpo":
+                    curve = [(r["step"], r["reward_mean"]) for r in lines if r.get("reward_mean") is not None]
+                    rewards[s["id"]] = curve
+                    if curve:
+                        head, tail = curve[:max(1, len(curve) // 5)], curve[-max(1, len(curve) // 5):]
+                        row["reward_start"] = round(sum(v for _, v in head) / len(head), 4)
+                        row["reward_end"] = round(sum(v for _, v in tail) / len(tail), 4)
+                rows.append(row)
+    return {"variants": rows, "accuracy_task": task, "reward_curves": {k: v for k, v in rewards.items() if v},
+            "win_rate_curves": {k: v for k, v in wins.items() if v}}
 
 
 def _task_order(plan: dict) -> list[str]:
@@ -161,6 +218,23 @@ def plots(data: dict, out: Path) -> list[str]:
         fig.savefig(out / "family.png", dpi=110)
         plt.close(fig)
         written.append("family.png")
+    if data.get("reward_curves") or data.get("win_rate_curves"):
+        panels = [(k, t) for k, t in (("reward_curves", "grpo: mean reward per step"),
+                                      ("win_rate_curves", "odpo: win rate against the starting policy"))
+                  if data.get(k)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
+            for sid, points in sorted(data[key].items()):
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=sid, linewidth=1,
+                        marker="o" if key == "win_rate_curves" else None, markersize=3)
+            ax.set_xlabel("step")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{data['family']}: post-training curves")
+        fig.tight_layout()
+        fig.savefig(out / "reward_curves.png", dpi=110)
+        plt.close(fig)
+        written.append("reward_curves.png")
     tasks = _tasks(data)
     if tasks:
         names = list(data["benchmarks"])
@@ -219,6 +293,45 @@ def _context_table(data: dict) -> list[str]:
                     "is what a long-context phase is for.", ""]
 
 
+def _pass_at(metrics: dict) -> tuple[str | None, float | None]:
+    """(name, value) of the pass@k a task accuracy row reports (k > 1)."""
+    name = next((m for m in metrics if m.startswith("pass@") and m != "pass@1"), None)
+    return name, metrics.get(name) if name else None
+
+
+def _variant_tables(data: dict, images: list[str]) -> list[str]:
+    """Per child: parent, base, then each variant's steps: task accuracy, length, loops, win rate, reward."""
+    rows = data.get("variants") or []
+    if not rows:
+        return []
+    k = next((_pass_at(r["accuracy"])[0] for r in rows if r.get("accuracy")), None) or "pass@k"
+    lines = ["## Post-training: instruct and reasoning variants", "",
+             f"Held-out task accuracy (`{data.get('accuracy_task') or 'none'}`): greedy answers, and "
+             f"{k} / pass@1 from sampled ones (unbiased estimator); mean length in generated tokens and loop rate of "
+             "the greedy answers. Win rate: the odpo judge's P(policy ≻ starting policy) on prompts held out of "
+             "training, before → after. Reward: grpo's mean reward over its first → last fifth of steps.", "",
+             f"| child | variant | step | accuracy (greedy) | {k} | pass@1 | mean length | loop rate | "
+             "judge win rate | reward |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        m = r.get("accuracy") or {}
+        win = "–" if r.get("win_rate") is None else f"{_f(r.get('win_rate_start'), '{:.2f}')} → {r['win_rate']:.2f}"
+        reward = "–" if r.get("reward_end") is None else f"{r['reward_start']:.3f} → {r['reward_end']:.3f}"
+        lines.append(f"| {r['child']} | {r['variant']} | {r['step'] or '–'} | {_f(m.get('accuracy'), '{:.2f}')} | "
+                     f"{_f(_pass_at(m)[1], '{:.2f}')} | {_f(m.get('pass@1'), '{:.2f}')} | "
+                     f"{_f(m.get('length'), '{:.1f}')} | {_f(m.get('loop_rate'), '{:.2f}')} | {win} | {reward} |")
+    tasks = list(dict.fromkeys(key.split("/")[0] for r in rows for key in (r.get("accuracy") or {}) if "/" in key))
+    if tasks:
+        lines += ["", "Greedy accuracy per task:", "",
+                  "| child | variant | step | " + " | ".join(tasks) + " |",
+                  "| --- | --- | --- | " + " | ".join("---:" for _ in tasks) + " |"]
+        for r in rows:
+            m = r.get("accuracy") or {}
+            lines.append(f"| {r['child']} | {r['variant']} | {r['step'] or '–'} | "
+                         + " | ".join(_f(m.get(f"{t}/accuracy"), "{:.2f}") for t in tasks) + " |")
+    return lines + [""] + (["![reward curves](reward_curves.png)", ""] if "reward_curves.png" in images else [])
+
+
 def markdown(data: dict, plan: dict, images: list[str]) -> str:
     lines = [f"# Family report: {data['family']}", "",
              f"Spec sha256 `{data['spec_sha256'][:12]}`. Held-out loss is mean next-token cross-entropy "
@@ -237,7 +350,8 @@ def markdown(data: dict, plan: dict, images: list[str]) -> str:
               "docs/plan.md, \"Controls\"); 'gap recovered' = (pruned − final) / (pruned − parent): the share of "
               "the loss that pruning cost which distillation won back.", ""]
     lines += _context_table(data)
-    lines += [f"![{Path(i).stem}]({i})" for i in images if i != "benchmarks.png"] + [""]
+    lines += [f"![{Path(i).stem}]({i})" for i in images if i not in ("benchmarks.png", "reward_curves.png")] + [""]
+    lines += _variant_tables(data, images)
     tasks = _tasks(data)
     if tasks:
         lines += ["## Benchmarks (lm-evaluation-harness)", "",

@@ -49,3 +49,11 @@ def test_task_accuracy_reads_prompts():
     assert diags == ["26:17: error[CSC285]: task accuracy reads prompts records, but data 'sft' holds chat records | "
                      "point `data` at a prompts source, or give it `format: prompts` if its records are prompts "
                      "(docs/data.md)"]
+
+
+def test_mistakes_reaches_the_plan_only_when_said_and_only_on_builtin_tasks():
+    diags, plan = outcome(TASKS.replace("format: chat, think: true}", "format: chat, think: true, mistakes: 0.25}"))
+    assert plan is not None, diags
+    assert plan["data"]["sft"]["mistakes"] == 0.25 and "mistakes" not in plan["data"]["held"]
+    diags, plan = outcome(TASKS.replace("format: chat, think: true}", "format: chat, think: true, mistakes: 1}"))
+    assert plan is None and diags == ["9:77: error[CSC104]: data.sft.mistakes is 1; it must be < 1 | write a number < 1"]

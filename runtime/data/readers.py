@@ -112,7 +112,7 @@ def _builtin_files(source: dict) -> list[tuple[str, Path]]:
     if source.get("builtin") == "tasks":  # one unit: the generator itself (its sha256 is what changes)
         from . import tasks
 
-        _, split, _ = tasks.settings(source)
+        _, split, _, _ = tasks.settings(source)
         return [(f"tasks/{split}", tasks.FILE)]
     split = source.get("split") or "train"
     if split not in ("train", "heldout"):
