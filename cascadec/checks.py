@@ -514,7 +514,7 @@ READER_KEYS = {
     "system": ("jsonl", "parquet", "dataset", "builtin"),
     "tasks": ("builtin",),
     "think": ("builtin",),
-    "mistakes": ("builtin",),
+    "unfinished": ("builtin",),
     "on_error": ("text", "jsonl", "parquet", "dataset", "tokenized"),
 }
 BUILTIN_SPLITS = ("train", "heldout")
@@ -651,7 +651,7 @@ def _check_tasks(diag, d) -> None:
     if d.kind != "builtin":
         return
     if d.builtin != "tasks":
-        for key in ("tasks", "think", "mistakes", "format", "system"):
+        for key in ("tasks", "think", "unfinished", "format", "system"):
             if getattr(d, key) is not None and not (key == "format" and d.format == "text"):
                 diag("CSC361", f"data '{d.name}': `{key}` is for `builtin: tasks`; builtin {d.builtin} is text "
                      "documents", (*d.at, key), f"remove `{key}`, or generate tasks with `builtin: tasks`", key=True)

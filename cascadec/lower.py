@@ -185,7 +185,7 @@ def lower(doc: Document, configs: dict[str, dict] | None = None) -> FamilySpec:
             name=name, kind=d["kind"], paths=tuple(d.get("paths", ())), field=d.get("field"),
             builtin=d.get("builtin"), split=d.get("split"), mix=dict(d.get("mix", {})),
             **{k: d.get(k) for k in ("hub", "revision", "subset", "format", "system", "on_error")},
-            tasks=_tasks(d), think=d.get("think"), mistakes=d.get("mistakes"),
+            tasks=_tasks(d), think=d.get("think"), unfinished=d.get("unfinished"),
             stream=d.get("stream", False), shuffle=d.get("shuffle", True), tokens=quantity(d["tokens"]) if "tokens" in d else None,
             at=("data", name),
         )

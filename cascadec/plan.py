@@ -164,7 +164,7 @@ def _data_identity(spec: FamilySpec, name: str) -> dict:
     d = spec.data[name]
     # Reader keys a source does not set are left out, so a plan shows (and hashes) only what was said.
     readers = {k: getattr(d, k) for k in ("hub", "revision", "subset", "format", "system", "on_error", "think",
-                                          "mistakes")}
+                                          "unfinished")}
     if d.tasks is not None:
         readers["tasks"] = list(d.tasks)
     return {"kind": d.kind, "paths": list(d.paths), "field": d.field, "builtin": d.builtin, "split": d.split,

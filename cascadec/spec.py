@@ -79,7 +79,7 @@ class DataSpec:
     on_error: str | None = None  # bad records: fail (None) or skip (counted)
     tasks: tuple[str, ...] | None = None  # builtin tasks: which (all four when the spec names none)
     think: bool | None = None  # builtin tasks: worked steps inside <think>…</think>
-    mistakes: float | None = None  # builtin tasks: share of chat records with a wrong final answer
+    unfinished: float | None = None  # builtin tasks: share of chat records that stop before the answer
     stream: bool
     shuffle: bool
     tokens: int | None

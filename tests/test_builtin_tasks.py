@@ -51,9 +51,9 @@ def test_task_accuracy_reads_prompts():
                      "(docs/data.md)"]
 
 
-def test_mistakes_reaches_the_plan_only_when_said_and_only_on_builtin_tasks():
-    diags, plan = outcome(TASKS.replace("format: chat, think: true}", "format: chat, think: true, mistakes: 0.25}"))
+def test_unfinished_reaches_the_plan_only_when_said():
+    diags, plan = outcome(TASKS.replace("format: chat, think: true}", "format: chat, think: true, unfinished: 0.25}"))
     assert plan is not None, diags
-    assert plan["data"]["sft"]["mistakes"] == 0.25 and "mistakes" not in plan["data"]["held"]
-    diags, plan = outcome(TASKS.replace("format: chat, think: true}", "format: chat, think: true, mistakes: 1}"))
-    assert plan is None and diags == ["9:77: error[CSC104]: data.sft.mistakes is 1; it must be < 1 | write a number < 1"]
+    assert plan["data"]["sft"]["unfinished"] == 0.25 and "unfinished" not in plan["data"]["held"]
+    diags, plan = outcome(TASKS.replace("format: chat, think: true}", "format: chat, think: true, unfinished: 1}"))
+    assert plan is None and diags == ["9:79: error[CSC104]: data.sft.unfinished is 1; it must be < 1 | write a number < 1"]

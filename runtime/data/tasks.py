@@ -16,12 +16,12 @@ these records with the stock rewards: the final answer of expr, sort and reverse
 agree), the function is a fenced ```` ```python ```` block. A response is the worked steps, then the
 answer; with ``think: true`` the steps are inside ``<think>…</think>`` (the reasoning flavour).
 
-A fallible teacher (``mistakes: x``, chat records only): a share x of the records box the
-problem's plausible wrong answer after correct steps (expr evaluated left to right, the list
-unsorted, the word unreversed, the function's constant off by one), chosen by a hash of the
-problem, so the same records on every machine. An SFT on such data learns to contradict its own
-steps some of the time; a later verifiable reward (grpo) or a judge that checks answers (odpo)
-has that to undo. Prompts and preference records are never affected (their answers grade).
+A fallible teacher (``unfinished: x``, chat and text records): a share x of the responses stop
+after the worked steps, before the final answer, as truncated traces in distilled data do; which
+ones is a hash of the problem, so the same on every machine. An SFT on such data learns to stop
+short part of the time; a later verifiable reward (grpo: the format gate and the answer) or a
+judge that checks answers (odpo) has that to undo. Prompts and preference records are never
+affected (their answers grade).
 
 Determinism and the split: every problem has a key (its expression, list, word or formula); it is
 held out when ``sha256("task:key")[0] % HELDOUT_EVERY == 0``. Each split draws from its own
@@ -190,16 +190,16 @@ def interleaved(tasks: tuple[str, ...], split: str) -> Iterator[Problem]:
 # Records, as the readers hand them to chat.py (docs/data.md)
 
 
-def mistaken(p: Problem, share: float) -> bool:
-    """Whether a fallible teacher with ``share`` mistakes boxes ``p``'s wrong answer (a hash of it)."""
-    return share > 0 and _seed("cascadec-tasks-mistake", p.task, p.key) / 2 ** 64 < share
+def unfinished(p: Problem, share: float) -> bool:
+    """Whether a fallible teacher that leaves ``share`` of its answers unfinished stops short on ``p``."""
+    return share > 0 and _seed("cascadec-tasks-unfinished", p.task, p.key) / 2 ** 64 < share
 
 
-def record(p: Problem, fmt: str, think: bool = False, mistakes: float = 0.0) -> dict:
+def record(p: Problem, fmt: str, think: bool = False, short: float = 0.0) -> dict:
     """``p`` as a record of format ``fmt`` (chat, prompts, preference; text is `document`);
-    ``mistakes``: the share of chat records whose final answer is the wrong one."""
+    ``short``: the share of chat records that stop before the final answer (``unfinished``)."""
     if fmt == "chat":
-        final = p.wrong if mistaken(p, mistakes) else None
+        final = "" if unfinished(p, short) else None
         return {"messages": [{"role": "user", "content": p.prompt},
                              {"role": "assistant", "content": p.response(think, final)}], "task": p.task}
     if fmt == "preference":
@@ -212,31 +212,31 @@ def record(p: Problem, fmt: str, think: bool = False, mistakes: float = 0.0) -> 
 
 
 def settings(source: dict) -> tuple[tuple[str, ...], str, bool, float]:
-    """(tasks, split, think, mistakes) of a `builtin: tasks` source, validated."""
+    """(tasks, split, think, unfinished) of a `builtin: tasks` source, validated."""
     tasks = tuple(source.get("tasks") or TASKS)
     if unknown := [t for t in tasks if t not in TASKS]:
         raise ValueError(f"unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
     split = source.get("split") or "train"
     if split not in SPLITS:
         raise ValueError(f"tasks split must be one of {', '.join(SPLITS)}, got {split!r}")
-    mistakes = float(source.get("mistakes") or 0.0)
-    if not 0.0 <= mistakes < 1.0:
-        raise ValueError(f"tasks `mistakes` is a share in [0, 1), got {mistakes}")
-    return tasks, split, bool(source.get("think")), mistakes
+    short = float(source.get("unfinished") or 0.0)
+    if not 0.0 <= short < 1.0:
+        raise ValueError(f"tasks `unfinished` is a share in [0, 1), got {short}")
+    return tasks, split, bool(source.get("think")), short
 
 
 def records(source: dict) -> Iterator[tuple[str, dict]]:
     """(location, record) of every problem of ``source``, interleaved, in its ``format``."""
-    tasks, split, think, mistakes = settings(source)
+    tasks, split, think, short = settings(source)
     counters = dict.fromkeys(tasks, 0)
     for p in interleaved(tasks, split):
         where = f"builtin tasks/{split} {p.task} #{counters[p.task]}"
         counters[p.task] += 1
-        yield where, record(p, source.get("format") or "chat", think, mistakes)
+        yield where, record(p, source.get("format") or "chat", think, short)
 
 
 def documents(source: dict) -> Iterator[str]:
     """Plain-text documents (``format: text``): the question, then the response."""
-    tasks, split, think, mistakes = settings(source)
+    tasks, split, think, short = settings(source)
     for p in interleaved(tasks, split):
-        yield f"{p.prompt}\n{p.response(think, p.wrong if mistaken(p, mistakes) else None)}"
+        yield f"{p.prompt}\n{p.response(think, '' if unfinished(p, short) else None)}"

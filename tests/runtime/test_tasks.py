@@ -163,27 +163,30 @@ def test_formats_through_chat_py(tok):
     assert prompts[3].answer is None and prompts[3].tests == list(tasks.problems("function", "heldout")[0].tests)
 
 
-def test_a_fallible_teacher_boxes_the_wrong_answer_after_right_steps_in_its_share_only():
-    """`mistakes: 0.4`: chat records of a hash-chosen 40 % (±4 points of 4,000) box the wrong answer
-    after the same steps; prompts and preference records keep their right answers; stable per problem."""
+def test_a_fallible_teacher_stops_short_in_its_share_of_records_only():
+    """`unfinished: 0.5`: a hash-chosen half (±4 points of 4,000) of the chat records end after the
+    steps, with no final answer; the rest are untouched; prompts and preference records keep
+    their answers; a larger share only adds records."""
     clean = [r for _, r in tasks.records(source(format="chat", think=True))]
-    noisy = [r for _, r in tasks.records(source(format="chat", think=True, mistakes=0.4))]
+    short = [r for _, r in tasks.records(source(format="chat", think=True, unfinished=0.5))]
     problems = list(tasks.interleaved(tasks.TASKS, "train"))
-    assert len(clean) == len(noisy) == len(problems) == 4000
-    wrong = 0
-    for p, a, b in zip(problems, clean, noisy):
+    assert len(clean) == len(short) == len(problems) == 4000
+    cut = 0
+    for p, a, b in zip(problems, clean, short):
         assert a["messages"][0] == b["messages"][0]
-        right, said = a["messages"][1]["content"], b["messages"][1]["content"]
-        if tasks.mistaken(p, 0.4):
-            wrong += 1
-            assert said == p.response(True, p.wrong) != right and said.startswith(right[:right.index("</think>")])
+        full, said = a["messages"][1]["content"], b["messages"][1]["content"]
+        if tasks.unfinished(p, 0.5):
+            cut += 1
+            assert said == full[:full.index("</think>") + len("</think>")] and "boxed" not in said and "```" not in said
         else:
-            assert said == right
-    assert 1440 <= wrong <= 1760
-    assert [tasks.mistaken(p, 0.2) for p in problems[:400]] == [tasks.mistaken(p, 0.2) for p in problems[:400]]
-    assert all(tasks.mistaken(p, 0.4) for p in problems if tasks.mistaken(p, 0.2))  # a larger share adds mistakes
+            assert said == full
+    assert 1840 <= cut <= 2160
+    assert all(tasks.unfinished(p, 0.5) for p in problems if tasks.unfinished(p, 0.25))
+    plain = [r for _, r in tasks.records(source(format="chat", unfinished=0.5))]
+    assert any(r["messages"][1]["content"].endswith("\n") and "boxed" not in r["messages"][1]["content"]
+               for r in plain[:40])  # without think: the steps, then nothing
     for fmt in ("prompts", "preference"):
-        assert [r for _, r in tasks.records(source(format=fmt, mistakes=0.4))][:50] == \
+        assert [r for _, r in tasks.records(source(format=fmt, unfinished=0.5))][:50] == \
             [r for _, r in tasks.records(source(format=fmt))][:50]
-    with pytest.raises(ValueError, match=r"tasks `mistakes` is a share in \[0, 1\), got 1.0"):
-        tasks.settings(source(mistakes=1.0))
+    with pytest.raises(ValueError, match=r"tasks `unfinished` is a share in \[0, 1\), got 1.0"):
+        tasks.settings(source(unfinished=1.0))
