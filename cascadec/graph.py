@@ -434,7 +434,9 @@ class Builder:
                   "_n": param_count(self.shapes[c.name]), "_shape": self.shapes[c.name],
                   "_budget": self.budget(first.settings), "_at": (*c.at, "control")}, first.settings)
 
-    def eval(self, owner: str, names: list[str]) -> str:
+    def eval(self, owner: str, names: list[str], finals: list[str]) -> str:
+        """``finals``: the checkpoints a `checkpoints: final` task scores (the root, or a child's last
+        phase and its post-training steps)."""
         sid = resolve.stage_id("eval", owner)
         ev = self.spec.eval
         s = self.spec.defaults
@@ -463,7 +465,7 @@ class Builder:
         extra = []
         if ev.harness:  # the harness reads text: generated tasks and task folders are raw data inputs
             h = ev.harness
-            config["harness"] = {"tasks": [{k: v for k, v in t.items() if k != "at"} for t in h["tasks"]],
+            config["harness"] = {"tasks": [_scored(t, names, finals) for t in h["tasks"]],
                                  "include": h["include"], "batch_size": h["batch_size"]}
             reads = sorted({t["data"] for t in h["tasks"] if "generate" in t} | set(h["include"]))
             extra = [{"role": f"harness:{d}", "data": d} for d in reads]
@@ -526,6 +528,16 @@ class Builder:
                   "config": {"family": self.spec.family}, "launch": dict(LOCAL), "provenance": {}, "_n": 0})
 
 
+def _scored(task: dict, names: list[str], finals: list[str]) -> dict:
+    """A harness task as an eval stage runs it: `checkpoints` written out as the names it scores."""
+    out = {k: v for k, v in task.items() if k != "at"}
+    if out.get("checkpoints") == "final":
+        out["checkpoints"] = [n for n in names if n in finals]
+    elif out.get("checkpoints") == "all":
+        out["checkpoints"] = list(names)
+    return out
+
+
 def build(spec: FamilySpec) -> nx.DiGraph:
     b = Builder(spec)
     b.bootstraps()
@@ -541,15 +553,15 @@ def build(spec: FamilySpec) -> nx.DiGraph:
         for basis in c.control:
             b.control(c, basis)
         if spec.eval is not None:
-            names = [f"{c.name}/pruned"] + [f"{c.name}/{p.name}" for p in c.phases] + \
-                [f"{c.name}/{v}/{s.name}" for v, steps in c.variants for s in steps] + \
+            post = [f"{c.name}/{v}/{s.name}" for v, steps in c.variants for s in steps]
+            names = [f"{c.name}/pruned"] + [f"{c.name}/{p.name}" for p in c.phases] + post + \
                 [resolve.control_ref(c.name, basis) for basis in c.control]
-            evals.append(b.eval(c.name, names))
+            evals.append(b.eval(c.name, names, [f"{c.name}/{c.phases[-1].name}", *post]))
         if c.export:
             b.export(c, evals[-1] if spec.eval is not None else None)
     if spec.eval is not None:
         roots = sorted({b.cps[c.prune_from].model for c in spec.children if b.cps[c.prune_from].model is not None})
-        evals += [b.eval(m, [m]) for m in roots]
+        evals += [b.eval(m, [m], [m]) for m in roots]
         b.report(evals)
     return b.g
 

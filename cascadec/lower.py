@@ -271,7 +271,7 @@ HARNESS_BATCH = 8
 GENERATED = {"perplexity": {"limit": 100}, "next_line": {"choices": 4, "limit": 200},
              # task accuracy: small by default, it runs per checkpoint (benchmarks/task_accuracy.py)
              "tasks": {"k": 4, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 32, "limit": 25, "seed": 0,
-                       "batch_size": 64}}
+                       "batch_size": 64, "checkpoints": "final"}}
 
 
 def harness(raw: dict) -> dict:

@@ -30,11 +30,19 @@ def test_the_plan_writes_out_the_tasks_and_names_only_what_was_said():
     assert plan["data"]["held"]["tasks"] == ["function", "expr"] and "think" not in plan["data"]["held"]
     assert "tasks" not in plan["data"]["web"] and "think" not in plan["data"]["web"]
     ev = next(s for s in plan["stages"] if s["kind"] == "eval")
-    assert ev["config"]["harness"]["tasks"] == [
+    assert ev["id"] == "eval/parent" and ev["config"]["harness"]["tasks"] == [
         {"generate": "tasks", "data": "held", "k": 4, "temperature": 0.8, "top_p": 1.0, "max_new_tokens": 32,
-         "limit": 25, "seed": 0, "batch_size": 64},
+         "limit": 25, "seed": 0, "batch_size": 64, "checkpoints": ["parent"]},
         {"generate": "tasks", "data": "held", "k": 2, "temperature": 0.6, "top_p": 1.0, "max_new_tokens": 32,
-         "limit": 20, "seed": 0, "batch_size": 64}]
+         "limit": 20, "seed": 0, "batch_size": 64, "checkpoints": ["parent"]}]
+    # `checkpoints: final` (the default): a child's last phase (and post-training steps), not the pruned model
+    child = next(s for s in plan["stages"] if s["id"] == "eval/small")
+    assert child["config"]["checkpoints"] == ["small/pruned", "small/short"]
+    assert [t["checkpoints"] for t in child["config"]["harness"]["tasks"]] == [["small/short"], ["small/short"]]
+    _, every = outcome(TASKS.replace("- {tasks: held}", "- {tasks: held, checkpoints: all}"))
+    child = next(s for s in every["stages"] if s["id"] == "eval/small")
+    assert [t["checkpoints"] for t in child["config"]["harness"]["tasks"]] == [["small/pruned", "small/short"],
+                                                                              ["small/short"]]
 
 
 def test_a_misnamed_task_is_located_with_a_suggestion():

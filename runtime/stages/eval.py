@@ -97,8 +97,9 @@ def run(ctx: StageContext) -> dict:
             results[name].update(contexts=scores, trained_context=trained.get(name))
         del model  # before the harness loads the checkpoint itself
         if harness_cfg:
+            tasks = [t for t in harness_cfg["tasks"] if "checkpoints" not in t or name in t["checkpoints"]]
             results[name]["harness"] = harness.run(
-                path, harness_cfg["tasks"], include=include, dtype=HARNESS_DTYPES[precision],
+                path, tasks, include=include, dtype=HARNESS_DTYPES[precision],
                 device=str(state.device), batch_size=int(harness_cfg.get("batch_size") or 8), log=ctx.log,
                 index=index)
         at = ", ".join(f"{n}: {v['loss']:.4f}" for n, v in scores.items())
