@@ -71,7 +71,7 @@ class Prompt:
     messages: list[dict]
     answer: str | None = None
     tests: list[str] | None = None
-    rubric: str | None = None
+    rubric: list[str] | None = None  # atomic criteria, one string each (a record's string is one item)
     columns: dict = field(default_factory=dict)  # every other field of the record, for rewards
 
 
@@ -232,12 +232,35 @@ def prompt_record(tokenizer, record: dict, where: str, source: dict) -> Prompt:
         answer = str(answer)
     if isinstance(tests, str):
         tests = [tests]
-    if (answer is not None and not isinstance(answer, str)) or (rubric is not None and not isinstance(rubric, str)) \
+    if (answer is not None and not isinstance(answer, str)) \
             or (tests is not None and not (isinstance(tests, list) and all(isinstance(t, str) for t in tests))):
-        raise DataError(f"{where}: `answer` and `rubric` are strings, `tests` a string or a list of strings")
+        raise DataError(f"{where}: `answer` is a string, `tests` a string or a list of strings")
     rest = {k: v for k, v in record.items() if k not in ("prompt", "messages", "answer", "tests", "rubric")}
     return Prompt(ids=prompt_ids(tokenizer, messages), messages=messages, answer=answer, tests=tests,
-                  rubric=rubric, columns=rest)
+                  rubric=rubric_items(rubric, where), columns=rest)
+
+
+def rubric_items(value, where: str) -> list[str] | None:
+    """A record's `rubric` as its list of atomic criteria: a string is one criterion (never split, so
+    a criterion may hold line breaks), a list holds one per item; None when the record has none."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        got = "an empty list" if isinstance(items, list) else _a(type(value).__name__)
+        raise DataError(f"{where}: `rubric` is {got}; write one criterion as a string, or several as a list of "
+                        f"strings, or leave `rubric` out")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            got = "empty" if isinstance(item, str) else _a(type(item).__name__)
+            name = "`rubric`" if isinstance(value, str) else f"rubric[{i}]"
+            raise DataError(f"{where}: {name} is {got}; each rubric item is a non-empty string, one criterion "
+                            f"the response meets or not (e.g. \"Mentions the Moon's gravity.\")")
+    return list(items)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 PARSERS = {"chat": chat_example, "preference": preference_pair, "prompts": prompt_record}

@@ -137,16 +137,18 @@ def test_prompt_records_keep_what_rewards_check(tok, tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [
         {"prompt": "What is 2+3?", "answer": 5, "level": "easy"},
         {"messages": [{"role": "user", "content": "Write f."}], "tests": "assert f() == 1"},
-        {"prompt": "Explain gravity.", "rubric": "Mentions mass."},
+        {"prompt": "Explain gravity.", "rubric": "Mentions mass.\nNames Newton."},
         {"prompt": "Tell a joke."},  # for a pairwise judge (odpo): nothing to check against
+        {"prompt": "Explain tides.", "rubric": ["Mentions the Moon's gravity.", "Says there are two a day."]},
     ])
     source = {"kind": "jsonl", "format": "prompts", "system": "Think."}
-    math, code, essay, joke = chat.examples(tmp_path / "q.jsonl", source, tok)
+    math, code, essay, joke, tides = chat.examples(tmp_path / "q.jsonl", source, tok)
     assert (joke.answer, joke.tests, joke.rubric) == (None, None, None)
     assert math.ids == enc(tok, "<s>[SYSTEM_PROMPT]Think.[/SYSTEM_PROMPT][INST]What is 2+3?[/INST]")
     assert (math.answer, math.tests, math.rubric, math.columns) == ("5", None, None, {"level": "easy"})
     assert code.tests == ["assert f() == 1"] and code.messages[0] == {"role": "system", "content": "Think."}
-    assert essay.rubric == "Mentions mass." and essay.answer is None
+    assert essay.rubric == ["Mentions mass.\nNames Newton."] and essay.answer is None  # a string: one item, unsplit
+    assert tides.rubric == ["Mentions the Moon's gravity.", "Says there are two a day."]
 
 
 BAD = [
@@ -159,7 +161,20 @@ BAD = [
     ("preference", {"prompt": "a", "chosen": "b"}, "`rejected` must be a string or an assistant message (missing)"),
     ("preference", {"chosen": "b", "rejected": "c"},
      "no `prompt` (a string or messages) or `messages` (fields: chosen, rejected)"),
-    ("prompts", {"prompt": "a", "answer": ["5"]}, "`answer` and `rubric` are strings, `tests` a string or a list of strings"),
+    ("prompts", {"prompt": "a", "answer": ["5"]}, "`answer` is a string, `tests` a string or a list of strings"),
+    ("prompts", {"prompt": "a", "rubric": []},
+     "`rubric` is an empty list; write one criterion as a string, or several as a list of strings, or leave `rubric` out"),
+    ("prompts", {"prompt": "a", "rubric": {"a": 1}},
+     "`rubric` is a dict; write one criterion as a string, or several as a list of strings, or leave `rubric` out"),
+    ("prompts", {"prompt": "a", "rubric": ["Is short.", 3]},
+     "rubric[1] is an int; each rubric item is a non-empty string, one criterion the response meets or not "
+     "(e.g. \"Mentions the Moon's gravity.\")"),
+    ("prompts", {"prompt": "a", "rubric": ["Is short.", "  "]},
+     "rubric[1] is empty; each rubric item is a non-empty string, one criterion the response meets or not "
+     "(e.g. \"Mentions the Moon's gravity.\")"),
+    ("prompts", {"prompt": "a", "rubric": ""},
+     "`rubric` is empty; each rubric item is a non-empty string, one criterion the response meets or not "
+     "(e.g. \"Mentions the Moon's gravity.\")"),
 ]
 
 
