@@ -548,6 +548,13 @@ def _check_reader(diag, d) -> None:
 
 
 PAIRWISE = ("pairwise_model", "callable")  # judges that compare two answers (odpo); the other kinds score one
+PAIRWISE_OPTIONS = {"pairwise_model": ("template", "batch_size", "temperature"), "callable": ("temperature",)}
+TEMPLATE_HELP = {  # CSC302's help, per kind of template
+    "pairwise_model": "the template shows `{{ conversation }}` and the answers `{{ a }}` and `{{ b }}`, and ends where "
+                      "the judge answers A or B (docs/runtime.md, \"Preference optimisation\")",
+    "rubric_model": "the template shows `{{ response }}` and `{{ criterion }}` (and `{{ conversation }}` or "
+                    "`{{ question }}`), and ends where the judge answers Yes or No (docs/rewards.md, \"rubric_model\")",
+}
 FUNCTION_KINDS = {  # the kinds a Python `function` is, and its contract
     "callable": "a function f(prompts, a, b, **columns) -> P(a beats b) per pair",
     "reward_function": "a function f(prompts, completions, **columns) -> one float or None per completion",
@@ -597,26 +604,24 @@ def _check_judge(diag, j) -> None:
         diag("CSC301", f"judge '{j.name}': `function` '{function}' is not `module:function`", (*j.at, "function"),
              "write the dotted module path, a colon, then the function name: "
              + ('"my_pkg.rewards:score"' if j.kind == "reward_function" else '"my_pkg.judges:prefer"'))
-    if template is not None and j.kind != "pairwise_model":
-        diag("CSC302", f"judge '{j.name}': `template` is the prompt of a pairwise_model judge, not of {j.kind}",
-             (*j.at, "template"), "remove `template`", key=True)
-    elif template is not None and (error := judging.template_error(template)):
-        diag("CSC302", f"judge '{j.name}': bad `template`: {error}", (*j.at, "template"),
-             "the template shows `{{ conversation }}` and the answers `{{ a }}` and `{{ b }}`, and ends where the "
-             "judge answers A or B (docs/runtime.md, \"Preference optimisation\")")
+    if template is not None and j.kind not in judging.TEMPLATES:
+        diag("CSC302", f"judge '{j.name}': `template` is the prompt of a pairwise_model or rubric_model judge, "
+             f"not of {j.kind}", (*j.at, "template"), "remove `template`", key=True)
+    elif template is not None and (error := judging.template_error(template, j.kind)):
+        diag("CSC302", f"judge '{j.name}': bad `template`: {error}", (*j.at, "template"), TEMPLATE_HELP[j.kind])
     if j.kind in FUNCTION_KINDS and j.model is not None:
         diag("CSC303", f"judge '{j.name}' of kind {j.kind} takes no `model`", (*j.at, "model"),
              f"a {j.kind} judge loads what it needs itself; remove `model`", key=True)
 
 
 def _check_reward_options(diag, j) -> None:
-    """CSC331, CSC332: a judge's reward options belong to its kind and hold together."""
+    """CSC331, CSC332, CSC335: a judge's reward options belong to its kind and hold together."""
     for key in j.options:
-        owners = [k for k, opts in rewarding.OPTIONS.items() if key in opts]
+        owners = [k for k, opts in (*rewarding.OPTIONS.items(), *PAIRWISE_OPTIONS.items()) if key in opts]
         if key == "weight" and j.kind not in owners:
             diag("CSC331", f"judge '{j.name}': `weight` is a grpo reward's, and a {j.kind} judge is not one",
                  (*j.at, key), "remove `weight`; a pairwise judge compares two answers (odpo), it is not summed", key=True)
-        elif key not in ("function", "weight") and owners and j.kind not in owners:
+        elif key not in ("function", "weight", "template") and owners and j.kind not in owners:
             diag("CSC331", f"judge '{j.name}': `{key}` is an option of {' and '.join(owners)} judges, not of {j.kind}",
                  (*j.at, key), f"remove `{key}`, or set `kind: {owners[0]}`", key=True)
     o = j.options
@@ -625,6 +630,12 @@ def _check_reward_options(diag, j) -> None:
         diag("CSC332", f"judge '{j.name}': cache_tokens {o['cache_tokens']:,} exceeds max_tokens {o['max_tokens']:,}",
              (*j.at, "cache_tokens"), "cache_tokens is the band below max_tokens over which the penalty grows "
              "from 0 to -1; make it at most max_tokens")
+    answers = o.get("answers")
+    if j.kind == "rubric_model" and isinstance(answers, list) and len(answers) == 2 \
+            and (answers[0] == answers[1] or not all(isinstance(a, str) and a.strip() for a in answers)):
+        diag("CSC335", f"judge '{j.name}': `answers` {answers!r} are not two different words", (*j.at, "answers"),
+             "give the word the judge writes when the response meets the criterion, then the one when it does not, "
+             f"each as the judge's tokenizer spells it after `Answer:` (default {list(judging.RUBRIC_ANSWERS)!r})")
 
 
 def _check_rewards(diag, t, ref: str, judges: dict) -> None:

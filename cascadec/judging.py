@@ -1,8 +1,9 @@
-"""What a judge's spec options must look like: the LM judge's prompt template and a callable's name.
+"""What a judge's spec options must look like: the LM judges' prompt templates and a callable's name.
 
-Shared by `checks` (errors at plan time) and `cascadec.runtime.rollout.judges` (which renders
-and imports them), so the plan refuses exactly what the runtime could not use. Pure, torch-free;
-jinja2 is imported only when a template is checked or rendered.
+Shared by `checks` (errors at plan time), `rewarding` (the rubric judge's defaults) and
+`cascadec.runtime.rollout.judges` / `rubric` (which render and import them), so the plan refuses
+exactly what the runtime could not use. Pure, torch-free; jinja2 is imported only when a template
+is checked or rendered.
 """
 
 from __future__ import annotations
@@ -36,11 +37,44 @@ more helpful, correct and clear.
 Which answer is better, A or B?
 Better answer:"""
 
+# The rubric judge (kind rubric_model, a grpo reward) is asked once per rubric item whether the
+# response meets it; P(yes) comes from its next token after the prompt, " Yes" against " No"
+# unless the spec's `answers` name other words. docs/rewards.md, "rubric_model".
+RUBRIC_VARIABLES = {
+    "conversation": "the prompt's messages as text, one `Role: content` paragraph each",
+    "messages": "the prompt's messages, a list of {role, content}",
+    "question": "the content of the prompt's last user message",
+    "response": "the completion with its thinking (`<think>...</think>`) removed",
+    "criterion": "one rubric item",
+}
+RUBRIC_TEMPLATE = """\
+Below is a conversation, a response to its last message and one criterion from a grading rubric. \
+Judge only whether the response meets the criterion.
+
+{{ conversation }}
+
+[Response]
+{{ response }}
+[End of response]
+
+[Criterion]
+{{ criterion }}
+[End of criterion]
+
+Does the response meet the criterion? Answer Yes or No.
+Answer:"""
+RUBRIC_ANSWERS = (" Yes", " No")  # the tokens read as "met" and "not met"
+
+# What each judge kind's template must show, and may use.
+TEMPLATES = {"pairwise_model": (TEMPLATE_VARIABLES, ("a", "b")),
+             "rubric_model": (RUBRIC_VARIABLES, ("response", "criterion"))}
+
 FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
-def template_error(template: str) -> str | None:
-    """Why ``template`` cannot be a judge template (syntax, unknown names, an answer left out), or None."""
+def template_error(template: str, kind: str = "pairwise_model") -> str | None:
+    """Why ``template`` cannot be the template of a ``kind`` judge (syntax, unknown names, an answer,
+    the response or the criterion left out), or None."""
     import jinja2
     from jinja2 import meta
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -49,10 +83,13 @@ def template_error(template: str) -> str | None:
         names = meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(template))
     except jinja2.TemplateSyntaxError as e:
         return f"line {e.lineno} of the template: {e.message}"
-    unknown = sorted(names - set(TEMPLATE_VARIABLES))
+    variables, required = TEMPLATES[kind]
+    unknown = sorted(names - set(variables))
     if unknown:
-        return f"the template uses {', '.join(repr(n) for n in unknown)}; it may use {', '.join(TEMPLATE_VARIABLES)}"
-    missing = [n for n in ("a", "b") if n not in names]
-    if missing:
+        return f"the template uses {', '.join(repr(n) for n in unknown)}; it may use {', '.join(variables)}"
+    missing = [n for n in required if n not in names]
+    if not missing:
+        return None
+    if kind == "pairwise_model":
         return f"the template never shows answer {' and '.join(missing).upper()} (`{{{{ {missing[0]} }}}}`)"
-    return None
+    return f"the template never shows the {' and the '.join(missing)} (`{{{{ {missing[0]} }}}}`)"

@@ -70,8 +70,8 @@ def test_an_lm_judge_template_and_batch_size_reach_the_plan_and_the_hash():
      ["15:52: error[CSC302]: judge 'j': bad `template`: line 1 of the template: Expected an expression, got "
       f"'end of statement block' | {TEMPLATE_HELP}"]),
     ('{j: {kind: callable, function: "r:f"}, m: {kind: math_answer, template: "{{ a }}"}}', "j",
-     ["15:65: error[CSC302]: judge 'm': `template` is the prompt of a pairwise_model judge, not of math_answer | "
-      "remove `template`"]),
+     ["15:65: error[CSC302]: judge 'm': `template` is the prompt of a pairwise_model or rubric_model judge, not of "
+      "math_answer | remove `template`"]),
     ('j: {kind: callable, function: "rules:prefer", model: pwrm}', "j",
      ["15:49: error[CSC303]: judge 'j' of kind callable takes no `model` | "
       "a callable judge loads what it needs itself; remove `model`"]),
