@@ -1,7 +1,9 @@
 """Pairwise judges: P(a ≻ b) for two answers to one prompt, and the rules every judge is wrapped in.
 
-Owns the three judge kinds and `preferences` (loopers and unterminated samples lose, thinking
-stripped). It must not generate, train or know about stages; odpo builds one with `build_judge`.
+Owns the three judge kinds, `preferences` (loopers and unterminated samples lose, thinking
+stripped) and the pieces every LM judge shares (`load`, `judged_text`, `answer_token`,
+`answer_margins`, `batched`; the rubric reward, rubric.py, is built from them). It must not
+generate, train or know about stages; odpo builds one with `build_judge`.
 
 Kinds (a plan's judge kind `pairwise_model` picks the first two by the checkpoint's
 `architectures`; docs/runtime.md, "Preference optimisation"):
@@ -93,12 +95,17 @@ def preferences(judge: Judge, prompts, a: list[Candidate], b: list[Candidate], *
 
 
 def _answer(c: Candidate, strip_thinking: bool) -> str | None:
-    """The text the judge sees, or None for a sample that loses automatically."""
-    if c.looped or c.finish in BAD_FINISH:
+    return judged_text(c.text, finish=c.finish, looped=c.looped, strip_thinking=strip_thinking)
+
+
+def judged_text(text: str, *, finish: str = "eos", looped: bool = False, strip_thinking: bool = False) -> str | None:
+    """The text a judge sees, or None for a sample no judge is asked about: it looped or never
+    terminated (finish "length" or "loop"), or, with ``strip_thinking``, its thinking never closes."""
+    if looped or finish in BAD_FINISH:
         return None
     if not strip_thinking:
-        return c.text
-    text = THINKING.sub("", c.text)
+        return text
+    text = THINKING.sub("", text)
     return None if "<think>" in text else text.strip()
 
 
@@ -118,21 +125,36 @@ def build_judge(name: str, config: dict, model_dir: Path | None, *, device=None)
                          f"odpo needs a judge of kind pairwise_model or callable")
     if model_dir is None:
         raise JudgeError(f"judge '{name}' of kind pairwise_model has no model checkpoint")
+    model, tokenizer = load(model_dir, device)
+    if is_reward_model(model.config):
+        return RewardModelJudge(name, model, tokenizer, temperature=temperature, batch_size=batch_size)
+    return LMJudge(name, model, tokenizer, template=config.get("template"), temperature=temperature,
+                   batch_size=batch_size)
+
+
+def load(model_dir: Path, device=None) -> tuple:
+    """(model, tokenizer) of a judge checkpoint, in eval mode on ``device`` (default: cuda when there
+    is one), in the checkpoint's own dtype on a GPU and fp32 on a CPU; loaded once, by the stage's
+    main process. A `…ForSequenceClassification` checkpoint loads as a reward model, any other as
+    a causal LM."""
     import transformers as tf
 
     from ..training.models import model_class
 
     hf_config = tf.AutoConfig.from_pretrained(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = "auto" if device.type == "cuda" else torch.float32  # the checkpoint's own dtype on a GPU
+    dtype = "auto" if device.type == "cuda" else torch.float32
     tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
-    if any(a.endswith("ForSequenceClassification") for a in hf_config.architectures or ()):
+    if is_reward_model(hf_config):
         model = tf.AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
-        return RewardModelJudge(name, model.to(device).eval(), tokenizer, temperature=temperature,
-                                batch_size=batch_size)
-    model = model_class(hf_config).from_pretrained(model_dir, dtype=dtype)
-    return LMJudge(name, model.to(device).eval(), tokenizer, template=config.get("template"),
-                   temperature=temperature, batch_size=batch_size)
+    else:
+        model = model_class(hf_config).from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def is_reward_model(config) -> bool:
+    """A checkpoint whose architecture is a `…ForSequenceClassification` (a reward model)."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +176,7 @@ class LMJudge:
         self.temperature, self.batch_size = temperature, batch_size
         self.template = ImmutableSandboxedEnvironment(undefined=StrictUndefined,
                                                       keep_trailing_newline=True).from_string(template)
-        self.choices = [_single_token(name, tokenizer, c) for c in CHOICES]
+        self.choices = [answer_token(name, tokenizer, c, CHOICES) for c in CHOICES]
 
     def render(self, messages: list[dict], a: str, b: str) -> str:
         """The judge's prompt with ``a`` shown as answer A and ``b`` as answer B."""
@@ -163,20 +185,28 @@ class LMJudge:
     def prefer(self, prompts, a, b, columns=None) -> list[float]:
         texts = [self.render(m, x, y) for m, x, y in zip(prompts, a, b)]
         swapped = [self.render(m, y, x) for m, x, y in zip(prompts, a, b)]
-        d = _batched(self._margins, [*texts, *swapped], self.batch_size * 2, self.tokenizer)
+        d = batched(self._margins, [*texts, *swapped], self.batch_size * 2, self.tokenizer)
         n, t = len(texts), self.temperature
-        return [0.5 * (_sigmoid(d[i] / t) + _sigmoid(-d[n + i] / t)) for i in range(n)]
+        return [0.5 * (sigmoid(d[i] / t) + sigmoid(-d[n + i] / t)) for i in range(n)]
 
-    @torch.inference_mode()
     def _margins(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
-        """ℓA − ℓB at each row's last token: the decoder's final hidden state times the two head rows."""
-        device = self.model.get_output_embeddings().weight.device
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        last = hidden[torch.arange(ids.shape[0], device=device), mask.sum(-1) - 1]
-        rows = self.model.get_output_embeddings().weight[self.choices]
-        logits = (last @ rows.T).double()
-        return (logits[:, 0] - logits[:, 1]).tolist()
+        return answer_margins(self.model, self.choices, ids, mask)
+
+
+@torch.inference_mode()
+def answer_margins(model, choices: Sequence[int], ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """ℓ(choices[0]) − ℓ(choices[1]) at each right-padded row's last token: the decoder's final
+    hidden state times the two answer rows of the LM head (the full [rows × vocab] logits are never
+    made). Any head bias is added, so the margin equals the one from the model's own logits."""
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    last = hidden[torch.arange(ids.shape[0], device=device), mask.sum(-1) - 1]
+    logits = (last @ head.weight[list(choices)].T).double()
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[list(choices)].double()
+    return (logits[:, 0] - logits[:, 1]).tolist()
 
 
 def conversation_text(messages: list[dict]) -> str:
@@ -184,15 +214,16 @@ def conversation_text(messages: list[dict]) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
-def _single_token(name: str, tokenizer, text: str) -> int:
-    """The one token ``text`` adds after a prompt that ends like the template's ("…answer:")."""
-    base = tokenizer("Better answer:", add_special_tokens=False)["input_ids"]
-    full = tokenizer("Better answer:" + text, add_special_tokens=False)["input_ids"]
+def answer_token(name: str, tokenizer, text: str, choices: Sequence[str], *, before: str = "Better answer:",
+                 fix: str = "") -> int:
+    """The one token ``text`` adds after a prompt that ends like the template's (``before``)."""
+    base = tokenizer(before, add_special_tokens=False)["input_ids"]
+    full = tokenizer(before + text, add_special_tokens=False)["input_ids"]
     if full[:len(base)] != base or len(full) != len(base) + 1:
         pieces = tokenizer.convert_ids_to_tokens(full[len(base):] if full[:len(base)] == base else full)
         raise JudgeError(f"judge '{name}': the answer {text!r} is not one token in the judge's tokenizer "
                          f"(it is {pieces}); the LM judge reads P from one token per answer, so it needs "
-                         f"a tokenizer with {' and '.join(repr(c) for c in CHOICES)} as single tokens")
+                         f"a tokenizer with {' and '.join(repr(c) for c in choices)} as single tokens{fix}")
     return full[-1]
 
 
@@ -219,9 +250,9 @@ class RewardModelJudge:
 
     def prefer(self, prompts, a, b, columns=None) -> list[float]:
         seqs = [self.encode(m, x) for m, x in zip(prompts, a)] + [self.encode(m, y) for m, y in zip(prompts, b)]
-        r = _batched(self._scores, seqs, self.batch_size * 2, self.tokenizer, pad_id=self.model.config.pad_token_id)
+        r = batched(self._scores, seqs, self.batch_size * 2, self.tokenizer, pad_id=self.model.config.pad_token_id)
         n = len(prompts)
-        return [_sigmoid((r[i] - r[n + i]) / self.temperature) for i in range(n)]
+        return [sigmoid((r[i] - r[n + i]) / self.temperature) for i in range(n)]
 
     @torch.inference_mode()
     def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -256,7 +287,7 @@ class CallableJudge:
         got = self.fn(prompts, a, b, **kwargs)
         out = self._check(got, len(prompts))
         t = self.temperature
-        return out if t == 1.0 else [_sigmoid(_logit(p) / t) for p in out]
+        return out if t == 1.0 else [sigmoid(_logit(p) / t) for p in out]
 
     def _check(self, got, n: int) -> list[float]:
         where = f"judge '{self.name}': function '{self.function}'"
@@ -289,7 +320,7 @@ def _columns(columns: list[dict] | None, n: int) -> dict[str, list]:
 # Shared
 
 
-def _batched(forward, items: Sequence, batch_rows: int, tokenizer, *, pad_id: int | None = None) -> list[float]:
+def batched(forward, items: Sequence, batch_rows: int, tokenizer, *, pad_id: int | None = None) -> list[float]:
     """``forward(ids, mask)`` over ``items`` (texts or id lists), ``batch_rows`` right-padded rows at a time,
     longest first so that rows of similar lengths share a batch; results in the items' order."""
     seqs = [tokenizer(x)["input_ids"] if isinstance(x, str) else list(x) for x in items]
@@ -309,7 +340,7 @@ def _batched(forward, items: Sequence, batch_rows: int, tokenizer, *, pad_id: in
     return out
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 

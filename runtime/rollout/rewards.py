@@ -3,7 +3,8 @@
 Contract of every reward (TRL's): ``f(prompts, completions, **columns) -> list[float | None]``, one
 value per completion, None = not applicable (a math checker on a code prompt). ``columns`` are the
 records' fields as lists aligned with the completions (``answer``, ``tests``, ``rubric`` and every
-other field) plus ``completion_ids`` when the completions carry token ids.
+other field) plus, when the completions are generate.Completion objects, ``completion_ids``,
+``completion_finish`` ("eos" | "stop" | "length" | "loop") and ``completion_looped``.
 
 The built-in rewards return values in natural units, and the spec's weight scales them; the
 default weights give Magistral's shaping (§2.2): format 0.1 when it holds, a correct math answer
@@ -16,12 +17,15 @@ kind                  value                                       not applicable
 ``math_answer``       1 when the final answer equals ``answer``   no ``answer``   0.9
 ``code_tests``        1 when every test passes (or the fraction)  no ``tests``    0.9
 ``length``            0 … −1 (Magistral eq. 1 ÷ 0.1)              never           0.1
+``rubric_model``      the fraction of rubric items met (rubric.py)  no ``rubric``    1
 ``reward_function``   what ``module:function`` returns            its None        1
 ====================  ==========================================  ==============  ========
 
 A gate is graded first, in the calling process: where it gives 0 no other reward is computed
 (they are None), so a broken format scores exactly 0 and costs no sandbox run (Magistral's "0 and
-grading stops"). Rewards are objects, not closures, so that they pickle into worker processes.
+grading stops"). Rewards are objects, not closures, so that they pickle into worker processes;
+a reward that holds a model (``in_process``: the rubric judge) runs in the calling process
+instead, while the workers compute the others.
 """
 
 from __future__ import annotations
@@ -183,14 +187,19 @@ class CallableReward:
         return getattr(importlib.import_module(module), name)(prompts=prompts, completions=completions, **columns)
 
 
-def build_reward(name: str, config: dict, model_dir: Path | None = None) -> Reward:
+def build_reward(name: str, config: dict, model_dir: Path | None = None, *, device=None) -> Reward:
     """The reward of the plan's ``config.judges[name]`` (its ``kind`` and options; an option the
-    plan lacks takes the default of cascadec/rewarding.py)."""
+    plan lacks takes the default of cascadec/rewarding.py). ``model_dir``: the judge checkpoint of
+    a rubric_model (the stage's `judge:<name>` input), loaded onto ``device``."""
     kind = config["kind"]
-    if kind not in rewarding.OPTIONS or kind == "rubric_model":
-        raise ValueError(f"judge '{name}' of kind {kind} cannot give a GRPO reward here: the kinds that can are "
-                         f"{', '.join(k for k in rewarding.REWARD_KINDS if k != 'rubric_model')}")
+    if kind not in rewarding.OPTIONS:
+        raise ValueError(f"judge '{name}' of kind {kind} cannot give a GRPO reward: the kinds that can are "
+                         f"{', '.join(rewarding.REWARD_KINDS)}")
     c, _ = rewarding.resolve(kind, {k: v for k, v in config.items() if k != "kind"}, None)
+    if kind == "rubric_model":  # imported here: the workers that unpickle the other rewards need no torch
+        from . import rubric
+
+        return rubric.build(name, c, model_dir, device=device)
     if kind == "format":
         return FormatGate(think=c["think"])
     if kind == "math_answer":
@@ -204,9 +213,12 @@ def build_reward(name: str, config: dict, model_dir: Path | None = None) -> Rewa
     return CallableReward(c["function"])
 
 
-def build_rewards(judges: dict[str, dict]) -> dict[str, tuple[Reward, float]]:
-    """Every reward of a stage's ``config.judges``, with its weight (the plan's, else the kind's default)."""
-    return {name: (build_reward(name, c), float(c.get("weight", rewarding.OPTIONS[c["kind"]]["weight"])))
+def build_rewards(judges: dict[str, dict], inputs: dict | None = None, *, device=None) -> dict[str, tuple[Reward, float]]:
+    """Every reward of a stage's ``config.judges``, with its weight (the plan's, else the kind's
+    default); ``inputs``: the stage's inputs, where a judge's model is `judge:<name>`."""
+    inputs = inputs or {}
+    return {name: (build_reward(name, c, inputs.get(f"judge:{name}"), device=device),
+                   float(c.get("weight", rewarding.OPTIONS[c["kind"]]["weight"])))
             for name, c in judges.items()}
 
 
@@ -239,16 +251,21 @@ def score(rewards: dict[str, tuple[Reward, float]], prompts: Sequence, completio
           columns: dict[str, Sequence], *, workers: int, pool: Executor | None = None) -> dict[str, list[float | None]]:
     """Each reward's value per completion, in input order: ``{name: [value or None, ...]}``.
 
-    ``completions``: strings, or objects with ``.text`` and ``.ids`` (generate.Completion), whose ids
-    become the ``completion_ids`` column. Gates run first, here; the other rewards run in ``workers``
-    processes (0 = in this process), the per-item built-ins split into one chunk per worker, a
-    callable in one call with all its items. ``pool``: an executor to reuse across steps.
+    ``completions``: strings, or generate.Completion objects, whose ids, finish reasons and loop
+    flags become the ``completion_ids``, ``completion_finish`` and ``completion_looped`` columns.
+    Gates run first, here; the other rewards run in ``workers`` processes (0 = in this process),
+    the per-item built-ins split into one chunk per worker, a callable in one call with all its
+    items, while the ``in_process`` ones (a judge model) run here. ``pool``: an executor to reuse
+    across steps.
     """
     n = len(completions)
     texts = [c if isinstance(c, str) else c.text for c in completions]
     columns = {k: list(v) for k, v in columns.items()}
     if n and not isinstance(completions[0], str) and "completion_ids" not in columns:
         columns["completion_ids"] = [list(c.ids) for c in completions]
+        if hasattr(completions[0], "finish"):
+            columns["completion_finish"] = [c.finish for c in completions]
+            columns["completion_looped"] = [bool(c.looped) for c in completions]
     for k, v in columns.items():
         if len(v) != n:
             raise ValueError(f"column '{k}' has {len(v)} values for {n} completions")
@@ -259,12 +276,15 @@ def score(rewards: dict[str, tuple[Reward, float]], prompts: Sequence, completio
         if getattr(reward, "gate", False):
             out[name] = _apply(name, reward, list(range(n)), prompts, texts, columns) if n else []
             live = [i for i in live if out[name][i]]
-    jobs = []
+    jobs, here = [], []  # (name, reward, items): for the workers; run in this process
     for name, (reward, _) in rewards.items():
         if name in out:
             continue
         out[name] = [None] * n
         if not live:
+            continue
+        if getattr(reward, "in_process", False):
+            here.append((name, reward, live))
             continue
         chunks = [live] if isinstance(reward, CallableReward) or workers <= 1 else \
             [live[k::workers] for k in range(min(workers, len(live)))]
@@ -273,18 +293,19 @@ def score(rewards: dict[str, tuple[Reward, float]], prompts: Sequence, completio
         pick = lambda xs: [xs[i] for i in chunk]  # noqa: E731
         return name, reward, chunk, pick(prompts), pick(texts), {k: pick(v) for k, v in columns.items()}
 
-    if workers <= 0:
-        results = [_apply(*args(*job)) for job in jobs]
+    if workers <= 0 or not jobs:
+        results = [_apply(*args(*job)) for job in [*jobs, *here]]
     else:
         own = pool is None
         pool = pool or ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
         try:
             futures = [pool.submit(_apply, *args(*job)) for job in jobs]
-            results = [f.result() for f in futures]
+            mine = [_apply(*args(*job)) for job in here]  # while the workers run
+            results = [f.result() for f in futures] + mine
         finally:
             if own:
                 pool.shutdown(cancel_futures=True)
-    for (name, _, chunk), values in zip(jobs, results):
+    for (name, _, chunk), values in zip([*jobs, *here], results):
         for i, v in zip(chunk, values):
             out[name][i] = v
     return out

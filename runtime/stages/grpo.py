@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> dict:
     reference = None
     if o["beta"] > 0:
         reference = load_model(s.policy_dir).to(device).eval().requires_grad_(False)
-    scorers = rewarding.build_rewards(config.get("judges") or {})
+    scorers = rewarding.build_rewards(config.get("judges") or {}, ctx.inputs, device=device)
     weights = {name: w for name, (_, w) in scorers.items()}
     pool, _, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, 0, seed)
     order = pairs.order(len(pool), seed, bool(config["data"].get("shuffle", True)))

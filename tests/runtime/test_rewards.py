@@ -236,8 +236,8 @@ def test_the_plan_s_rewards_build_with_magistral_weights():
 def test_kinds_that_give_no_reward_are_refused():
     with pytest.raises(ValueError) as e:
         build_rewards({"pwrm": {"kind": "pairwise_model"}})
-    assert str(e.value) == ("judge 'pwrm' of kind pairwise_model cannot give a GRPO reward here: the kinds that can "
-                            "are format, math_answer, code_tests, length, reward_function")
+    assert str(e.value) == ("judge 'pwrm' of kind pairwise_model cannot give a GRPO reward: the kinds that can "
+                            "are format, math_answer, code_tests, length, rubric_model, reward_function")
 
 
 def test_builtin_tasks_are_graded_by_the_stock_rewards():
