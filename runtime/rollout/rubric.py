@@ -5,9 +5,9 @@ rubrics, reward = fraction of rubric items met"). Built from judges.py's LM-judg
 answer tokens, head-row margins, padded batches, thinking stripped); it must not generate or train.
 
 For completion c of a prompt with rubric items r_1 … r_n, the judge reads the template (the
-conversation, c with its `<think>…</think>` removed, one item) and, at its next token,
-P_k(yes) = σ((ℓ_yes − ℓ_no)/T): the two answer tokens' probabilities renormalised over the pair
-(the rest of the vocabulary is ignored). The reward is
+conversation; c with its `<think>…</think>` removed, and what precedes a lone `</think>` too;
+one item) and, at its next token, P_k(yes) = σ((ℓ_yes − ℓ_no)/T): the two answer tokens'
+probabilities renormalised over the pair (the rest of the vocabulary is ignored). The reward is
 
     hard (default):  #{k : P_k(yes) > ½} / n      (the fraction of items met; T cannot change it)
     soft:            Σ_k P_k(yes) / n
@@ -31,6 +31,7 @@ from cascadec.judging import RUBRIC_ANSWERS, RUBRIC_TEMPLATE, template_error
 
 from .judges import (JudgeError, answer_margins, answer_token, batched, conversation_text, is_reward_model,
                      judged_text, load, sigmoid)
+from .rewards import answer_part
 
 MODES = rewarding.RUBRIC_MODES
 ANSWER_AFTER = "Answer:"  # how the default template ends: the answer words must be one token after it
@@ -90,6 +91,7 @@ class RubricReward:
             if response is None:
                 out[i] = 0.0
                 continue
+            response = answer_part(response).strip()  # after a lone </think>: thinking the prompt opened
             asked += [(i, self.render(messages, response, item)) for item in items]
         if not asked:
             return out

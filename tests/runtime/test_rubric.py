@@ -104,9 +104,10 @@ def completion(text: str, finish: str = "eos", looped: bool = False) -> Completi
 
 
 def test_the_reward_is_the_exact_fraction_of_items_met(judge):
-    texts = ["The Moon pulls the sea.", "The @ Moon pulls the sea.", "<think>@ @ @</think>The Moon pulls the sea."]
-    got = judge([QUESTION] * 4, [*texts, "No rubric here."], rubric=[ITEMS, ITEMS, ITEMS, None])
-    assert got == [2 / 3, 1.0, 2 / 3, None]  # the marker in the response meets every item; thinking is not judged
+    texts = ["The Moon pulls the sea.", "The @ Moon pulls the sea.", "<think>@ @ @</think>The Moon pulls the sea.",
+             "@ opened by the template</think>The Moon pulls the sea."]
+    got = judge([QUESTION] * 5, [*texts, "No rubric here."], rubric=[ITEMS] * 4 + [None])
+    assert got == [2 / 3, 1.0, 2 / 3, 2 / 3, None]  # the marker in the response meets every item; thinking is not judged
     assert judge([QUESTION], ["plain"], rubric=[["Is short."]]) == [0.0]
 
 
