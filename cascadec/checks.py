@@ -110,6 +110,7 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
             unknown("CSC201", "model", j.model, (*j.at, "model"))
         _check_judge(diag, j)
         _check_reward_options(diag, j)
+        _check_compare(diag, unknown, j, spec.judges)
 
     # -- models -----------------------------------------------------------------------------
     for m in spec.models.values():
@@ -258,9 +259,12 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
                 elif t.kind == "odpo" and spec.judges[j].kind not in PAIRWISE:
                     diag("CSC304", f"odpo '{ref}' is judged by '{j}', a {spec.judges[j].kind} reward; odpo needs a "
                          f"pairwise judge", (*t.at, "judge"),
-                         f"name a judge of kind {' or '.join(PAIRWISE)}; {spec.judges[j].kind} scores one answer (grpo)")
+                         f"name a judge of kind {', '.join(PAIRWISE[:-1])} or {PAIRWISE[-1]}; {spec.judges[j].kind} scores "
+                         "one answer (grpo), a compare_rewards judge compares two by such rewards")
             if t.kind == "grpo":
                 _check_rewards(diag, t, ref, {i: spec.judges[j] for i, j in enumerate(judges) if j in spec.judges})
+            elif judges and judges[0] in spec.judges and spec.judges[judges[0]].kind == judging.COMPARE:
+                _check_compared(diag, t, ref, spec.judges[judges[0]], spec.judges)
             new = t.settings["generation.max_new_tokens"]
             if t.seq_len and new >= t.seq_len:
                 diag("CSC320", f"{t.kind} '{ref}' generates up to {new:,} tokens in a window of seq_len {t.seq_len:,}: "
@@ -547,8 +551,9 @@ def _check_reader(diag, d) -> None:
              (*d.at, "system"), "add the format, or remove `system`", key=True)
 
 
-PAIRWISE = ("pairwise_model", "callable")  # judges that compare two answers (odpo); the other kinds score one
-PAIRWISE_OPTIONS = {"pairwise_model": ("template", "batch_size", "temperature"), "callable": ("temperature",)}
+PAIRWISE = ("pairwise_model", "callable", judging.COMPARE)  # judges that compare two answers (odpo); the others score one
+PAIRWISE_OPTIONS = {"pairwise_model": ("template", "batch_size", "temperature"), "callable": ("temperature",),
+                    judging.COMPARE: ("temperature",)}
 TEMPLATE_HELP = {  # CSC302's help, per kind of template
     "pairwise_model": "the template shows `{{ conversation }}` and the answers `{{ a }}` and `{{ b }}`, and ends where "
                       "the judge answers A or B (docs/runtime.md, \"Preference optimisation\")",
@@ -612,6 +617,40 @@ def _check_judge(diag, j) -> None:
     if j.kind in FUNCTION_KINDS and j.model is not None:
         diag("CSC303", f"judge '{j.name}' of kind {j.kind} takes no `model`", (*j.at, "model"),
              f"a {j.kind} judge loads what it needs itself; remove `model`", key=True)
+    elif j.kind == judging.COMPARE and j.model is not None:
+        diag("CSC303", f"judge '{j.name}' of kind {j.kind} takes no `model`", (*j.at, "model"),
+             "it compares the totals of its `rewards`; remove `model`", key=True)
+
+
+def _check_compare(diag, unknown, j, judges: dict) -> None:
+    """CSC305-CSC308: `rewards` belongs to a compare_rewards judge, which names at least one reward,
+    each a judge of a kind the odpo runtime can total (no pairwise judge, no nesting)."""
+    names = j.options.get("rewards")
+    if j.kind != judging.COMPARE:
+        if names is not None:
+            diag("CSC307", f"judge '{j.name}': `rewards` lists what a compare_rewards judge totals; a {j.kind} judge "
+                 "takes none", (*j.at, "rewards"), "set `kind: compare_rewards`, or remove `rewards` (a grpo step "
+                 "names its rewards on the step)", key=True)
+        return
+    kinds = ", ".join(judging.COMPARABLE)
+    if not names:
+        diag("CSC305", f"judge '{j.name}' of kind compare_rewards names no rewards",
+             j.at if names is None else (*j.at, "rewards"),
+             f"add `rewards: [<judge>, ...]`, judges of kind {kinds}; P(a beats b) = sigmoid((R_a - R_b)/T) "
+             "over their weighted total")
+        return
+    for i, name in enumerate(names):
+        r = judges.get(name)
+        if r is None:
+            unknown("CSC217", "judge", name, (*j.at, "rewards", i), sorted(judges))
+        elif r.kind in PAIRWISE:
+            diag("CSC306", f"judge '{j.name}' totals '{name}', a {r.kind} judge; compare_rewards totals rewards that "
+                 "score one answer each", (*j.at, "rewards", i),
+                 f"name judges of kind {kinds}; a pairwise judge cannot be one of them (no nesting)")
+        elif r.kind not in judging.COMPARABLE:
+            diag("CSC308", f"judge '{j.name}' totals '{name}', a {r.kind} reward, which the odpo runtime cannot "
+                 "build yet", (*j.at, "rewards", i), f"name judges of kind {kinds}; a {r.kind} reward can reward "
+                 "a grpo step")
 
 
 def _check_reward_options(diag, j) -> None:
@@ -646,15 +685,38 @@ def _check_rewards(diag, t, ref: str, judges: dict) -> None:
             diag("CSC330", f"grpo '{ref}' is rewarded by '{j.name}', a {j.kind} judge; a grpo reward scores "
                  f"one answer", (*t.at, "rewards", i), f"name judges of kind {', '.join(rewarding.REWARD_KINDS)}; "
                  f"{j.kind} judges compare two answers (odpo)")
-        elif j.kind == "length":
-            config, _ = rewarding.resolve(j.kind, j.options, t.settings["generation.max_new_tokens"])
-            longest = t.settings["generation.max_new_tokens"]
-            if isinstance(config["max_tokens"], int) and isinstance(config["cache_tokens"], int) \
-                    and config["max_tokens"] - config["cache_tokens"] >= longest:
-                diag("CSC333", f"the length penalty '{j.name}' starts at {config['max_tokens'] - config['cache_tokens']:,} "
-                     f"tokens, but grpo '{ref}' generates at most {longest:,} (generation.max_new_tokens): it never "
-                     f"applies", (*t.at, "rewards", i), f"lower max_tokens of '{j.name}' to at most {longest:,} (its "
-                     f"default), or raise generation.max_new_tokens", severity="warning")
+        else:
+            _check_length(diag, t, ref, j, (*t.at, "rewards", i))
+
+
+def _check_compared(diag, t, ref: str, judge, judges: dict) -> None:
+    """CSC309, CSC333: the rewards an odpo step's compare_rewards judge totals can tell its answers
+    apart: a length penalty can apply, and a format gate that wants `<think>` does not see answers
+    whose thinking the step strips (it would fail both answers of every pair: all ties)."""
+    for i, name in enumerate(judge.options.get("rewards") or ()):
+        r = judges.get(name)
+        if r is None or r.kind not in judging.COMPARABLE:
+            continue  # reported with the judge (CSC217, CSC306, CSC308)
+        _check_length(diag, t, ref, r, (*judge.at, "rewards", i))
+        if r.kind == "format" and t.options.get("strip_thinking") and r.options.get("think", True) is True:
+            diag("CSC309", f"odpo '{ref}' strips the thinking before judging, so the format gate '{name}' of judge "
+                 f"'{judge.name}' (think: true) never sees a `<think>` block: every answer fails it and every pair "
+                 "ties", (*t.at, "strip_thinking"), f"set `think: false` on '{name}' (the answer alone is "
+                 "checked), or `strip_thinking: false` on the step (the rewards read past `</think>` themselves)")
+
+
+def _check_length(diag, t, ref: str, j, at) -> None:
+    """CSC333 (a warning): a length penalty starts past the step's longest completion."""
+    if j.kind != "length":
+        return
+    config, _ = rewarding.resolve(j.kind, j.options, t.settings["generation.max_new_tokens"])
+    longest = t.settings["generation.max_new_tokens"]
+    if isinstance(config["max_tokens"], int) and isinstance(config["cache_tokens"], int) \
+            and config["max_tokens"] - config["cache_tokens"] >= longest:
+        diag("CSC333", f"the length penalty '{j.name}' starts at {config['max_tokens'] - config['cache_tokens']:,} "
+             f"tokens, but {t.kind} '{ref}' generates at most {longest:,} (generation.max_new_tokens): it never "
+             f"applies", at, f"lower max_tokens of '{j.name}' to at most {longest:,} (its "
+             f"default), or raise generation.max_new_tokens", severity="warning")
 
 
 def _check_tasks(diag, d) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import estimate, grpo, mix, resolve, rewarding
+from . import estimate, grpo, judging, mix, resolve, rewarding
 from .shapes import Shape, param_count
 from .source import where
 from .spec import ChildSpec, FamilySpec, Training
@@ -364,14 +364,19 @@ class Builder:
             config["generation"] = t.settings.group("generation")
             prov.update(_prov(t.settings, ("generation",)))
             judges = [t.options["judge"]] if "judge" in t.options else list(t.options.get("rewards", []))
+            # a compare_rewards judge brings the rewards it totals: the runtime builds them from the plan
+            judges += [r for j in judges if self.spec.judges[j].kind == judging.COMPARE
+                       for r in self.spec.judges[j].options["rewards"] if r not in judges]
             config["judges"] = {j: {"kind": self.spec.judges[j].kind, **self.spec.judges[j].options} for j in judges}
-            if t.kind == "grpo":
-                for j in judges:
-                    if config["judges"][j]["kind"] in rewarding.OPTIONS:
-                        config["judges"][j], defaulted = rewarding.resolve(
-                            self.spec.judges[j].kind, self.spec.judges[j].options, config["generation"]["max_new_tokens"])
-                        prov.update({f"config.judges.{j}.{k}": "default" + (": generation.max_new_tokens" * (
-                            k == "max_tokens")) for k in defaulted})
+            for j in judges:
+                if config["judges"][j]["kind"] == judging.COMPARE and "temperature" not in config["judges"][j]:
+                    config["judges"][j]["temperature"] = judging.COMPARE_TEMPERATURE
+                    prov[f"config.judges.{j}.temperature"] = "default"
+                elif config["judges"][j]["kind"] in rewarding.OPTIONS:
+                    config["judges"][j], defaulted = rewarding.resolve(
+                        self.spec.judges[j].kind, self.spec.judges[j].options, config["generation"]["max_new_tokens"])
+                    prov.update({f"config.judges.{j}.{k}": "default" + (": generation.max_new_tokens" * (
+                        k == "max_tokens")) for k in defaulted})
             for j in judges:
                 if self.spec.judges[j].model is not None:
                     inputs.append(self.checkpoint(f"judge:{j}", resolve.lookup(self.spec.judges[j].model, self.cps).ref))

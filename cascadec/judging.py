@@ -1,9 +1,10 @@
-"""What a judge's spec options must look like: the LM judges' prompt templates and a callable's name.
+"""What a judge's spec options must look like: the LM judges' prompt templates, a callable's name,
+the rewards a compare_rewards judge may total and its default temperature.
 
-Shared by `checks` (errors at plan time), `rewarding` (the rubric judge's defaults) and
-`cascadec.runtime.rollout.judges` / `rubric` (which render and import them), so the plan refuses
-exactly what the runtime could not use. Pure, torch-free; jinja2 is imported only when a template
-is checked or rendered.
+Shared by `checks` (errors at plan time), `rewarding` (the rubric judge's defaults), `graph` (the
+plan's resolved values) and `cascadec.runtime.rollout.judges` / `rubric` (which render, import and
+build them), so the plan refuses exactly what the runtime could not use. Pure, torch-free; jinja2
+is imported only when a template is checked or rendered.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ RUBRIC_ANSWERS = (" Yes", " No")  # the tokens read as "met" and "not met"
 # What each judge kind's template must show, and may use.
 TEMPLATES = {"pairwise_model": (TEMPLATE_VARIABLES, ("a", "b")),
              "rubric_model": (RUBRIC_VARIABLES, ("response", "criterion"))}
+
+# A compare_rewards judge: P(a ≻ b) = σ((R_a − R_b)/T), R the weighted reward total as grpo sums it.
+# The rewards live on [0, 1] (a correct, well-formatted answer totals 1.0 by default), so T = 1 would
+# give a correct-vs-wrong pair only σ(1) = 0.73; T = 0.1 gives σ(10) = 0.99995, a near-hard label,
+# while a difference of one length-penalty step (0.01) stays a soft σ(0.1) = 0.52.
+COMPARE = "compare_rewards"
+COMPARE_TEMPERATURE = 0.1
+# The reward kinds a compare_rewards judge can total in the odpo runtime (rubric_model: not yet).
+COMPARABLE = ("format", "math_answer", "code_tests", "length", "reward_function")
 
 FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
