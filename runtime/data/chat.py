@@ -74,6 +74,10 @@ class Prompt:
     rubric: list[str] | None = None  # atomic criteria, one string each (a record's string is one item)
     columns: dict = field(default_factory=dict)  # every other field of the record, for rewards
 
+    def fields(self) -> dict:
+        """What a reward or judge reads of the record: ``answer``, ``tests``, ``rubric`` and every other field."""
+        return {"answer": self.answer, "tests": self.tests, "rubric": self.rubric, **self.columns}
+
 
 # ---------------------------------------------------------------------------------------------
 # Templates

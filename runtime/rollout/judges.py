@@ -1,6 +1,6 @@
 """Pairwise judges: P(a ≻ b) for two answers to one prompt, and the rules every judge is wrapped in.
 
-Owns the three judge kinds, `preferences` (loopers and unterminated samples lose, thinking
+Owns the four judge kinds, `preferences` (loopers and unterminated samples lose, thinking
 stripped) and the pieces every LM judge shares (`load`, `judged_text`, `answer_token`,
 `answer_margins`, `batched`; the rubric reward, rubric.py, is built from them). It must not
 generate, train or know about stages; odpo builds one with `build_judge`.
@@ -20,6 +20,10 @@ Kinds (a plan's judge kind `pairwise_model` picks the first two by the checkpoin
   template (the default one when it has none); P = σ((r_a − r_b)/T).
 - **Callable** (`function: "module:function"`): ``f(prompts, a, b, **columns) -> list[float]``,
   probabilities, checked; the temperature applies to their logit: P = σ(logit(f)/T).
+- **Rewards compared** (`compare_rewards`, `RewardJudge`): grpo's rewards (rewards.py) score each
+  answer and are totalled exactly as grpo totals them (weights, the format gate); P = σ((R_a − R_b)/T),
+  T = 0.1 by default (cascadec/judging.py says why). A pair where either answer has no applicable
+  reward is a tie, P = ½: the rewards cannot tell the two apart, so there is nothing to learn.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from typing import Protocol
 
 import torch
 
-from cascadec.judging import DEFAULT_TEMPLATE, FUNCTION, template_error
+from cascadec.judging import COMPARE, COMPARE_TEMPERATURE, DEFAULT_TEMPLATE, FUNCTION, template_error
 
 from ..data import chat
+from . import rewards as rewarding
 
 CHOICES = (" A", " B")
 BATCH_SIZE = 8  # pairs per forward pass (each pair is two sequences); the plan's `batch_size` overrides
@@ -55,6 +60,7 @@ class Candidate:
     text: str
     finish: str = "eos"  # as Completion.finish: "eos" | "stop" | "length" | "loop"
     looped: bool = False
+    ids: tuple[int, ...] | None = None  # the generated token ids, for a judge that counts tokens
 
 
 class Judge(Protocol):
@@ -76,7 +82,8 @@ def preferences(judge: Judge, prompts, a: list[Candidate], b: list[Candidate], *
     (P = 0 or 1) and two such samples tie (P = ½): the judge is asked only about clean pairs, so
     it is never asked to rank degenerate text. With ``strip_thinking``, `<think>…</think>` blocks
     are removed before judging, and a sample whose thinking never closes has no answer at all:
-    it counts as unterminated.
+    it counts as unterminated. A judge with ``counts_tokens`` (a compare_rewards judge, whose length
+    penalty counts the generated tokens, thinking included) also gets each answer's token ids.
     """
     if not len(prompts) == len(a) == len(b):
         raise ValueError(f"{len(prompts)} prompts, {len(a)} answers a and {len(b)} answers b; one each per pair")
@@ -88,8 +95,11 @@ def preferences(judge: Judge, prompts, a: list[Candidate], b: list[Candidate], *
     ask = [i for i, p in enumerate(out) if p is None]
     if ask:
         cols = [columns[i] for i in ask] if columns is not None else None
+        ids = {}
+        if getattr(judge, "counts_tokens", False) and all(c.ids is not None for c in (*a, *b)):
+            ids = {"ids": ([list(a[i].ids) for i in ask], [list(b[i].ids) for i in ask])}
         for i, p in zip(ask, judge.prefer([prompts[i] for i in ask], [texts_a[i] for i in ask],
-                                          [texts_b[i] for i in ask], cols)):
+                                          [texts_b[i] for i in ask], cols, **ids)):
             out[i] = float(p)
     return out
 
@@ -113,16 +123,29 @@ def judged_text(text: str, *, finish: str = "eos", looped: bool = False, strip_t
 # Building a judge from the plan
 
 
-def build_judge(name: str, config: dict, model_dir: Path | None, *, device=None) -> Judge:
-    """The judge the plan's ``config.judges[name]`` describes (``model_dir``: its `judge:<name>` input)."""
+def build_judge(name: str, config: dict, model_dir: Path | None, *, device=None,
+                judges: dict | None = None) -> Judge:
+    """The judge the plan's ``config.judges[name]`` describes (``model_dir``: its `judge:<name>` input;
+    ``judges``: the stage's whole ``config.judges``, where a compare_rewards judge finds its rewards)."""
     kind = config.get("kind")
-    temperature = float(config.get("temperature") or 1.0)
+    temperature = float(config.get("temperature") or (COMPARE_TEMPERATURE if kind == COMPARE else 1.0))
     batch_size = int(config.get("batch_size") or BATCH_SIZE)
     if kind == "callable":
         return CallableJudge(name, config.get("function"), temperature=temperature)
+    if kind == COMPARE:
+        named = list(config.get("rewards") or ())
+        missing = [r for r in named if r not in (judges or {})]
+        if not named or missing:
+            raise JudgeError(f"judge '{name}' of kind {COMPARE} names rewards {named} but the plan's judges hold "
+                             f"{sorted(judges or {})}; make the plan again with `cascadec plan`")
+        try:
+            scorers = rewarding.build_rewards({r: judges[r] for r in named})
+        except ValueError as e:
+            raise JudgeError(f"judge '{name}': {e}") from None
+        return RewardJudge(name, scorers, temperature=temperature)
     if kind != "pairwise_model":
         raise JudgeError(f"judge '{name}' is of kind {kind!r}, a reward (grpo), not a pairwise judge; "
-                         f"odpo needs a judge of kind pairwise_model or callable")
+                         f"odpo needs a judge of kind pairwise_model, callable or {COMPARE}")
     if model_dir is None:
         raise JudgeError(f"judge '{name}' of kind pairwise_model has no model checkpoint")
     model, tokenizer = load(model_dir, device)
@@ -306,6 +329,51 @@ class CallableJudge:
                 raise JudgeError(f"{where} returned {v!r} for pair {i}; {contract}")
             out.append(float(v))
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards compared
+
+
+class RewardJudge:
+    """P(a ≻ b) = σ((R_a − R_b)/T), R = an answer's weighted reward total (``rewards.total``).
+
+    Both answers of every pair are scored in one ``rewards.score`` call, in this process: code
+    tests still run in the sandbox's subprocesses, and the gate (format) stops the grading of an
+    answer that fails it, as in grpo. Where either total is None (no reward applies) the pair ties.
+    Every value computed is kept until `take` hands them over (the stage's per-reward metrics).
+    """
+
+    counts_tokens = True  # `preferences` passes the answers' token ids (the length penalty counts them)
+
+    def __init__(self, name: str, rewards: dict, *, temperature: float = COMPARE_TEMPERATURE):
+        self.name, self.rewards, self.temperature = name, rewards, temperature
+        self.weights = {r: w for r, (_, w) in rewards.items()}
+        self.seen: dict[str, list[float | None]] = {r: [] for r in rewards}
+
+    def totals(self, prompts, completions, columns: dict[str, list]) -> list[float | None]:
+        """Each completion's reward total, None where no reward applies."""
+        scores = rewarding.score(self.rewards, prompts, completions, columns, workers=0)
+        for r, values in scores.items():
+            self.seen[r] += values
+        return rewarding.total(scores, self.weights)
+
+    def take(self) -> dict[str, list[float | None]]:
+        """Each reward's values since the last `take` (None where it did not apply), and forget them."""
+        out, self.seen = self.seen, {r: [] for r in self.rewards}
+        return out
+
+    def prefer(self, prompts, a, b, columns=None, ids=None) -> list[float]:
+        n = len(prompts)
+        both = {k: v + v for k, v in _columns(columns, n).items()}
+        if ids is not None:
+            both["completion_ids"] = [*ids[0], *ids[1]]
+        try:
+            r = self.totals([*prompts, *prompts], [*a, *b], both)
+        except (rewarding.RewardError, ValueError) as e:
+            raise JudgeError(f"judge '{self.name}': {e}") from None
+        t = self.temperature
+        return [0.5 if r[i] is None or r[n + i] is None else sigmoid((r[i] - r[n + i]) / t) for i in range(n)]
 
 
 def _columns(columns: list[dict] | None, n: int) -> dict[str, list]:

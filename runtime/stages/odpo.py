@@ -31,12 +31,15 @@ import time
 import torch
 from accelerate.utils import gather_object
 
+from cascadec.judging import COMPARE, COMPARE_TEMPERATURE
+from cascadec.rewarding import OPTIONS, REWARD_KINDS
+
 from ..context import StageContext
 from ..data import chat
 from ..data.chat import Example
 from ..data.readers import Skips, source_files
 from ..rollout.generate import Sampling, engine
-from ..rollout.judges import Candidate, build_judge, preferences
+from ..rollout.judges import Candidate, RewardJudge, build_judge, preferences
 from ..training import fsdp, loop, pairs
 from ..training.models import load_model
 
@@ -60,13 +63,14 @@ def run(ctx: StageContext) -> dict:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     reference = pairs.frozen(ctx, s, _frozen_dtype(s.compute))
     judge_name, judge_cfg = _the_judge(config)
-    judge = build_judge(judge_name, judge_cfg, ctx.inputs.get(f"judge:{judge_name}"), device=device)
+    judge = build_judge(judge_name, judge_cfg, ctx.inputs.get(f"judge:{judge_name}"), device=device,
+                        judges=config.get("judges"))
     strip = bool(config.get("strip_thinking", False))
     pool, heldout, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, heldout_n, seed)
     order = pairs.order(len(pool), seed, bool(config["data"].get("shuffle", True)))
     ctx.log(f"odpo: {len(pool):,} training prompts, {len(heldout)} held out for the win rate "
             f"({counts['dropped']} longer than seq_len − max_new_tokens dropped), judge {judge_name} "
-            f"({judge_cfg.get('kind')}), {steps} steps of {s.global_batch} prompts")
+            f"({_described(judge_name, config['judges'])}), {steps} steps of {s.global_batch} prompts")
 
     # 2. Optimiser, schedule; the engine. It samples from the policy's live weights; under fsdp from a
     #    whole copy on each process (ranks decode different lengths, which sharded weights, gathered
@@ -88,7 +92,7 @@ def run(ctx: StageContext) -> dict:
 
     def judged(batch: list, a: list, b: list) -> list[float]:
         return preferences(judge, [q.messages for q in batch], [_candidate(c) for c in a],
-                           [_candidate(c) for c in b], strip_thinking=strip, columns=[q.columns for q in batch])
+                           [_candidate(c) for c in b], strip_thinking=strip, columns=[q.fields() for q in batch])
 
     # 3. The win rate against the starting policy on the held-out prompts (each process a share).
     #    The reference's answers come from the starting weights: the replica before any refresh (a
@@ -104,6 +108,7 @@ def run(ctx: StageContext) -> dict:
             ours = policy_engine.generate([heldout[i].ids for i in mine], sampling,
                                           seed=pairs.derive(seed, "win-rate", "policy"), keys=mine)
         p = judged([heldout[i] for i in mine], ours, baseline)
+        reward_means(judge)  # the rewards of held-out answers are not the step's
         every_p = [v for part in gather_object([p]) for v in part]
         latest["win_rate"] = sum(every_p) / len(every_p)
         return latest["win_rate"]
@@ -131,6 +136,7 @@ def run(ctx: StageContext) -> dict:
         a, b = samples[0::2], samples[1::2]
         generating, clock = time.perf_counter() - clock, _lap(spent, "generate_s", clock)
         p = judged(batch, a, b)
+        judged_rewards = reward_means(judge)
         clock = _lap(spent, "judge_s", clock)
         ex_a = [_example(q, c) for q, c in zip(batch, a)]
         ex_b = [_example(q, c) for q, c in zip(batch, b)]
@@ -144,6 +150,7 @@ def run(ctx: StageContext) -> dict:
         parts = pairs.update(accelerator, objective, micros, beta=s.beta, weight=s.weight, pad_id=s.pad_id)
         _lap(spent, "update_s", clock)
         record = {**pairs.summary(accelerator, parts, s.beta), **_sample_stats(accelerator, parts, samples, generating),
+                  **judged_rewards,
                   "prompts": (step + 1) * s.global_batch,
                   "tokens": (step + 1) * s.global_batch * 2 * s.seq_len}  # the plan's count (windows, not tokens read)
         return record, {"loss": f"{record['loss']:.4f}", "margin": f"{record['margin']:.3f}",
@@ -161,9 +168,10 @@ def run(ctx: StageContext) -> dict:
             "mean_length", "gen_tokens_per_s", "win_rate")
     return {"steps": steps, "prompts": len(pool), "heldout_prompts": len(heldout),
             "prompts_seen": steps * s.global_batch, "epochs": round(order.epochs(steps * s.global_batch), 4),
-            "judge": judge_name,
+            "judge": judge_name, "judge_kind": judge_cfg.get("kind"),
             "win_rate_start": state.extra.get("win_rate_start"),
             **{("final_" + k if k != "win_rate" else k): last.get(k) for k in keep},
+            **{"final_" + k: v for k, v in last.items() if k.startswith("reward_")},
             **{k: round(v, 3) for k, v in spent.items()}, "resumed_from_step": done["start"],
             "wall_s": round(done["wall"], 3), "processes": world, "dtype": str(dtype).removeprefix("torch."), **counts}
 
@@ -189,10 +197,36 @@ def read_prompts(ctx: StageContext, tokenizer, longest: int, heldout: int, seed:
 
 
 def _the_judge(config: dict) -> tuple[str, dict]:
+    """The stage's pairwise judge: the one entry of ``config.judges`` that is not a reward (a
+    compare_rewards judge brings the rewards it totals into ``config.judges`` beside it)."""
     judges = config.get("judges") or {}
-    if len(judges) != 1:
-        raise ValueError(f"an odpo stage has one judge; the plan gives {len(judges)} ({', '.join(judges) or 'none'})")
-    return next(iter(judges.items()))
+    pairwise = {k: v for k, v in judges.items() if v.get("kind") not in REWARD_KINDS}
+    if len(pairwise) != 1:
+        raise ValueError(f"an odpo stage has one pairwise judge; the plan gives {len(pairwise)} "
+                         f"({', '.join(pairwise) or 'none'})")
+    return next(iter(pairwise.items()))
+
+
+def _described(name: str, judges: dict) -> str:
+    """The judge's kind, and for compare_rewards the rewards it totals with their weights."""
+    config = judges[name]
+    if config.get("kind") != COMPARE:
+        return config.get("kind")
+    parts = [f"{r} ×{judges[r].get('weight', OPTIONS[judges[r]['kind']]['weight']):g}" for r in config["rewards"]]
+    return f"{COMPARE} of {', '.join(parts)}, T {config.get('temperature', COMPARE_TEMPERATURE):g}"
+
+
+def reward_means(judge) -> dict:
+    """A compare_rewards judge's rewards since it was last asked: ``reward_<name>``, the mean of each
+    over every process's judged answers (None where it never applied); {} for the other judges."""
+    if not isinstance(judge, RewardJudge):
+        return {}
+    every = gather_object([judge.take()])
+    out = {}
+    for name in judge.rewards:
+        values = [v for part in every for v in part[name] if v is not None]
+        out[f"reward_{name}"] = sum(values) / len(values) if values else None
+    return out
 
 
 def _frozen_dtype(compute: str):
@@ -201,7 +235,7 @@ def _frozen_dtype(compute: str):
 
 
 def _candidate(c) -> Candidate:
-    return Candidate(text=c.text, finish=c.finish, looped=c.looped)
+    return Candidate(text=c.text, finish=c.finish, looped=c.looped, ids=tuple(c.ids))
 
 
 def _example(prompt, completion) -> Example:

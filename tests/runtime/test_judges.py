@@ -279,4 +279,4 @@ def test_a_reward_kind_is_not_a_pairwise_judge():
     with pytest.raises(JudgeError) as e:
         build_judge("math", {"kind": "math_answer"}, None)
     assert str(e.value) == ("judge 'math' is of kind 'math_answer', a reward (grpo), not a pairwise judge; "
-                            "odpo needs a judge of kind pairwise_model or callable")
+                            "odpo needs a judge of kind pairwise_model, callable or compare_rewards")

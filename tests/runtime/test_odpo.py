@@ -250,3 +250,42 @@ def test_through_the_executor_a_stage_gets_its_roles_and_a_bad_judge_is_one_erro
     assert executor.run_plan(plan, tmp_path / "work", tmp_path, out=lines.append) == 1
     assert lines[-1] == (f"error: stage {st['id']} failed: judge 'short': module 'rulejudges' has no function 'longest' "
                          f"(traceback in scratch/{st['id']}/traceback.txt)")
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory) -> dict:
+    """Arithmetic prompts with an exact `answer`, as `builtin: tasks` makes them."""
+    root = tmp_path_factory.mktemp("answered")
+    with (root / "p.jsonl").open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"what is {i} + 1?", "answer": str(i + 1)}) + "\n")
+    return {"kind": "jsonl", "paths": [str(root / "*.jsonl")], "format": "prompts", "name": "prompts"}
+
+
+@pytest.mark.slow
+def test_odpo_with_a_compare_rewards_judge_learns_what_its_rewards_prefer(policy, answered, tmp_path):
+    """A rule-based judge from grpo's rewards (math against the records' `answer`, a length penalty
+    from 1 token on): P = σ((R_a − R_b)/0.1), so the shorter answer wins and the win rate rises; each
+    reward's mean over the step's answers is logged, the math one a number (the records' answers
+    reached it), and the checkpoint loads back."""
+    judges = {"rules": {"kind": "compare_rewards", "rewards": ["math", "len"], "temperature": 0.1},
+              "math": {"kind": "math_answer", "weight": 0.9},
+              "len": {"kind": "length", "weight": 1.0, "max_tokens": 12, "cache_tokens": 11}}
+    logged = []
+    ctx = context(tmp_path, stage(steps=30, judges=judges, win_rate={"prompts": 16, "every_steps": 10}), policy,
+                  answered)
+    ctx.log = logged.append
+    metrics = odpo.run(ctx)
+    assert metrics["judge"] == "rules" and metrics["judge_kind"] == "compare_rewards"
+    assert any("judge rules (compare_rewards of math ×0.9, len ×1, T 0.1)" in line for line in logged), logged
+    lines = records(ctx.out)
+    assert [r["step"] for r in lines if "win_rate" in r] == [0, 10, 20, 30]
+    assert 0.3 <= metrics["win_rate_start"] <= 0.65 and metrics["win_rate"] >= 0.75
+    steps = lines[1:]
+    assert all(isinstance(r["reward_math"], float) and 0 <= r["reward_math"] <= 1 for r in steps)
+    assert all(-1 <= r["reward_len"] <= 0 for r in steps)
+    assert sum(r["reward_len"] for r in steps[-5:]) > sum(r["reward_len"] for r in steps[:5])  # shorter answers
+    assert metrics["final_reward_len"] == steps[-1]["reward_len"]
+    loaded = AutoModelForCausalLM.from_pretrained(ctx.out / "model")
+    assert loaded.config.vocab_size == 320
+    assert any(not torch.equal(v, weights(ctx.out)[k]) for k, v in load_file(str(policy / "model.safetensors")).items())
