@@ -88,7 +88,8 @@ def test_a_pair_with_no_applicable_reward_ties(rules):
 
 
 def test_a_code_pair_is_graded_by_the_sandbox():
-    j = judge({"fmt": FORMAT, "code": {"kind": "code_tests", "weight": 0.9, "timeout_s": 4.0, "memory_mb": 300}})
+    # a generous time limit: a loaded machine must not turn the passing function into a timeout
+    j = judge({"fmt": FORMAT, "code": {"kind": "code_tests", "weight": 0.9, "timeout_s": 60.0, "memory_mb": 300}})
     good = "Here:\n```python\ndef double(x):\n    return 2 * x\n```"
     bad = "Here:\n```python\ndef double(x):\n    return x + 2\n```"
     tests = ["assert double(2) == 4", "assert double(5) == 10"]
