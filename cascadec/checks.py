@@ -623,8 +623,8 @@ def _check_judge(diag, j) -> None:
 
 
 def _check_compare(diag, unknown, j, judges: dict) -> None:
-    """CSC305-CSC308: `rewards` belongs to a compare_rewards judge, which names at least one reward,
-    each a judge of a kind the odpo runtime can total (no pairwise judge, no nesting)."""
+    """CSC305-CSC307: `rewards` belongs to a compare_rewards judge, which names at least one reward,
+    each a judge that scores one answer (no pairwise judge, no nesting)."""
     names = j.options.get("rewards")
     if j.kind != judging.COMPARE:
         if names is not None:
@@ -643,14 +643,10 @@ def _check_compare(diag, unknown, j, judges: dict) -> None:
         r = judges.get(name)
         if r is None:
             unknown("CSC217", "judge", name, (*j.at, "rewards", i), sorted(judges))
-        elif r.kind in PAIRWISE:
+        elif r.kind not in judging.COMPARABLE:
             diag("CSC306", f"judge '{j.name}' totals '{name}', a {r.kind} judge; compare_rewards totals rewards that "
                  "score one answer each", (*j.at, "rewards", i),
                  f"name judges of kind {kinds}; a pairwise judge cannot be one of them (no nesting)")
-        elif r.kind not in judging.COMPARABLE:
-            diag("CSC308", f"judge '{j.name}' totals '{name}', a {r.kind} reward, which the odpo runtime cannot "
-                 "build yet", (*j.at, "rewards", i), f"name judges of kind {kinds}; a {r.kind} reward can reward "
-                 "a grpo step")
 
 
 def _check_reward_options(diag, j) -> None:
@@ -696,7 +692,7 @@ def _check_compared(diag, t, ref: str, judge, judges: dict) -> None:
     for i, name in enumerate(judge.options.get("rewards") or ()):
         r = judges.get(name)
         if r is None or r.kind not in judging.COMPARABLE:
-            continue  # reported with the judge (CSC217, CSC306, CSC308)
+            continue  # reported with the judge (CSC217, CSC306)
         _check_length(diag, t, ref, r, (*judge.at, "rewards", i))
         if r.kind == "format" and t.options.get("strip_thinking") and r.options.get("think", True) is True:
             diag("CSC309", f"odpo '{ref}' strips the thinking before judging, so the format gate '{name}' of judge "

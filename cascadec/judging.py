@@ -76,8 +76,8 @@ TEMPLATES = {"pairwise_model": (TEMPLATE_VARIABLES, ("a", "b")),
 # while a difference of one length-penalty step (0.01) stays a soft σ(0.1) = 0.52.
 COMPARE = "compare_rewards"
 COMPARE_TEMPERATURE = 0.1
-# The reward kinds a compare_rewards judge can total in the odpo runtime (rubric_model: not yet).
-COMPARABLE = ("format", "math_answer", "code_tests", "length", "reward_function")
+# The reward kinds a compare_rewards judge can total: every kind that scores one answer.
+COMPARABLE = ("format", "math_answer", "code_tests", "length", "rubric_model", "reward_function")
 
 FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 

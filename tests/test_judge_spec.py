@@ -1,9 +1,11 @@
 """Judges in the spec: the `callable` kind, the LM judge's `template`, the `compare_rewards` kind, and their
-located errors (CSC300-CSC309)."""
+located errors (CSC300-CSC307, CSC309)."""
 
 from __future__ import annotations
 
 import pytest
+
+from cascadec import judging
 from test_author_mistakes import edit, outcome, stage
 
 PWRM = ("  pwrm: {source: {hub: org/pwrm}, arch: {family: mistral, layers: 2, hidden: 256, ffn: 512, heads: 4, "
@@ -91,7 +93,7 @@ def test_judge_mistakes_are_located_errors(judge, use, expected):
 
 # -- compare_rewards: a pairwise judge built from grpo's rewards ----------------------------------
 REWARDS = "fmt: {kind: format, think: false}, math: {kind: math_answer, weight: 0.5}, code: {kind: code_tests}"
-KINDS = "format, math_answer, code_tests, length, reward_function"
+KINDS = "format, math_answer, code_tests, length, rubric_model, reward_function"
 
 
 def compare(judge: str, rewards: str = REWARDS, step: str = "") -> str:
@@ -152,9 +154,6 @@ def test_a_length_penalty_totalled_by_an_odpo_judge_takes_the_step_s_max_new_tok
      "", ["15:47: error[CSC306]: judge 'j' totals 'inner', a compare_rewards judge; compare_rewards totals rewards "
           f"that score one answer each | name judges of kind {KINDS}; a pairwise judge cannot be one of them "
           "(no nesting)"]),
-    ("{kind: compare_rewards, rewards: [rub]}", REWARDS + ", rub: {kind: rubric_model, model: pwrm}", "",
-     ["15:41: error[CSC308]: judge 'j' totals 'rub', a rubric_model reward, which the odpo runtime cannot build yet | "
-      f"name judges of kind {KINDS}; a rubric_model reward can reward a grpo step"]),
     ('{kind: callable, function: "r:f", rewards: [math]}', REWARDS, "",
      ["15:41: error[CSC307]: judge 'j': `rewards` lists what a compare_rewards judge totals; a callable judge takes "
       "none | set `kind: compare_rewards`, or remove `rewards` (a grpo step names its rewards on the step)"]),
@@ -169,11 +168,23 @@ def test_a_length_penalty_totalled_by_an_odpo_judge_takes_the_step_s_max_new_tok
       "of judge 'j' (think: true) never sees a `<think>` block: every answer fails it and every pair ties | set "
       "`think: false` on 'thinks' (the answer alone is checked), or `strip_thinking: false` on the step (the "
       "rewards read past `</think>` themselves)"]),
-], ids=["no-rewards", "empty-rewards", "unknown-reward", "pairwise-reward", "nested", "rubric", "rewards-on-callable",
+], ids=["no-rewards", "empty-rewards", "unknown-reward", "pairwise-reward", "nested", "rewards-on-callable",
         "model", "weight", "stripped-think-gate"])
 def test_compare_rewards_mistakes_are_located_errors(judge, rewards, step, expected):
     diags, plan = outcome(compare(judge, rewards, step))
     assert diags == expected and plan is None
+
+
+def test_a_rubric_reward_totalled_by_an_odpo_judge_brings_its_judge_model_as_an_input():
+    diags, plan = outcome(compare("{kind: compare_rewards, rewards: [math, rub]}",
+                                  REWARDS + ", rub: {kind: rubric_model, model: pwrm, mode: soft}"))
+    assert diags == []
+    s = stage(plan, ODPO)
+    assert {"model": "pwrm", "role": "judge:rub"} in s["inputs"]
+    assert s["config"]["judges"]["rub"] == {"kind": "rubric_model", "mode": "soft", "weight": 1.0,
+                                            "template": judging.RUBRIC_TEMPLATE, "answers": [" Yes", " No"],
+                                            "temperature": 1.0, "batch_size": 16}
+    assert set(s["config"]["judges"]) == {"j", "math", "rub"}
 
 
 def test_a_format_gate_without_think_may_judge_stripped_answers():

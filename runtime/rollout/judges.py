@@ -124,9 +124,10 @@ def judged_text(text: str, *, finish: str = "eos", looped: bool = False, strip_t
 
 
 def build_judge(name: str, config: dict, model_dir: Path | None, *, device=None,
-                judges: dict | None = None) -> Judge:
+                judges: dict | None = None, inputs: dict | None = None) -> Judge:
     """The judge the plan's ``config.judges[name]`` describes (``model_dir``: its `judge:<name>` input;
-    ``judges``: the stage's whole ``config.judges``, where a compare_rewards judge finds its rewards)."""
+    ``judges``: the stage's whole ``config.judges``, where a compare_rewards judge finds its rewards;
+    ``inputs``: the stage's inputs, where a rubric_model reward it totals finds its checkpoint)."""
     kind = config.get("kind")
     temperature = float(config.get("temperature") or (COMPARE_TEMPERATURE if kind == COMPARE else 1.0))
     batch_size = int(config.get("batch_size") or BATCH_SIZE)
@@ -139,7 +140,7 @@ def build_judge(name: str, config: dict, model_dir: Path | None, *, device=None,
             raise JudgeError(f"judge '{name}' of kind {COMPARE} names rewards {named} but the plan's judges hold "
                              f"{sorted(judges or {})}; make the plan again with `cascadec plan`")
         try:
-            scorers = rewarding.build_rewards({r: judges[r] for r in named})
+            scorers = rewarding.build_rewards({r: judges[r] for r in named}, inputs, device=device)
         except ValueError as e:
             raise JudgeError(f"judge '{name}': {e}") from None
         return RewardJudge(name, scorers, temperature=temperature)

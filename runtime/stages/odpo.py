@@ -64,7 +64,7 @@ def run(ctx: StageContext) -> dict:
     reference = pairs.frozen(ctx, s, _frozen_dtype(s.compute))
     judge_name, judge_cfg = _the_judge(config)
     judge = build_judge(judge_name, judge_cfg, ctx.inputs.get(f"judge:{judge_name}"), device=device,
-                        judges=config.get("judges"))
+                        judges=config.get("judges"), inputs=ctx.inputs)
     strip = bool(config.get("strip_thinking", False))
     pool, heldout, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, heldout_n, seed)
     order = pairs.order(len(pool), seed, bool(config["data"].get("shuffle", True)))

@@ -21,7 +21,7 @@ from cascadec.runtime import executor
 from cascadec.runtime.data.tokenizer import train_bpe
 from cascadec.runtime.rollout import rewards
 from cascadec.runtime.rollout.generate import Completion
-from cascadec.runtime.rollout.judges import JudgeError
+from cascadec.runtime.rollout.judges import JudgeError, build_judge
 from cascadec.runtime.rollout.rubric import RubricReward, build
 
 import tinymodels
@@ -194,6 +194,19 @@ def test_a_judge_that_cannot_answer_in_one_token_or_has_no_checkpoint_is_refused
     with pytest.raises(JudgeError, match=r"^judge 'rubric': the template never shows the criterion "
                                          r"\(`\{\{ criterion \}\}`\)$"):
         build("rubric", config(template="{{ response }} Answer:"), judge_dir, device="cpu")
+
+
+def test_a_compare_rewards_judge_totals_the_rubric_reward_for_odpo(judge_dir):
+    """odpo's rule-based pairwise judge over the rubric reward: the judge checkpoint comes from the
+    stage's `judge:<name>` input; a response meeting 3 of 3 items against one meeting 2 of 3 gives
+    P = σ((1 − 2/3)/0.1), and a pair without a rubric ties."""
+    cmp = {"kind": "compare_rewards", "rewards": ["rub"], "temperature": 0.1}
+    judge = build_judge("cmp", cmp, None, device="cpu", judges={"cmp": cmp, "rub": config()},
+                        inputs={"judge:rub": judge_dir})
+    got = judge.prefer([QUESTION] * 3, ["The @ Moon.", "The Moon.", "The @ Moon."], ["The Moon."] * 3,
+                       [{"rubric": ITEMS}, {"rubric": ITEMS}, {"rubric": None}])
+    assert got == pytest.approx([1 / (1 + math.exp(-(1 - 2 / 3) / 0.1)), 0.5, 0.5], abs=1e-12)
+    assert judge.take() == {"rub": [1.0, 2 / 3, None, 2 / 3, 2 / 3, None]}
 
 
 def test_the_default_template_renders_the_conversation_response_and_criterion(judge):
