@@ -107,8 +107,7 @@ def run_plan(
     try:
         stages = select(plan, only, force)
         forced = {s["id"] for s in stages if _matches(s["id"], force)}
-        unrunnable = [why if "(stage " in why else f"{why} (stage {st['id']})"
-                      for st in stages if (why := registry.unrunnable(st))]
+        unrunnable = [f"{why} (stage {st['id']})" for st in stages if (why := registry.missing(st["kind"]))]
         refusal = unrunnable and f"{unrunnable[0]}; --only can select the stages that do not need it"
         if refusal and not dry_run:  # refuse before anything runs, not hours into the plan
             raise WorkspaceError(refusal)

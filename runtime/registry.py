@@ -41,24 +41,6 @@ STAGES = {
 }
 
 
-# Kinds that run in one process only. grpo: refilling dropped groups makes the processes' batches
-# unequal (runtime/stages/grpo.py); a plan that gives it more devices (the Ministral 3 spec's fsdp
-# stages) is refused before its first stage runs, not days into the plan.
-ONE_PROCESS = {"grpo"}
-
-
-def unrunnable(stage: dict) -> str | None:
-    """Why ``stage`` cannot run in this runtime (its kind, or its kind on its launch)."""
-    kind = stage.get("kind")
-    if why := missing(kind):
-        return why
-    devices = int((stage.get("launch") or {}).get("devices") or 1)
-    if kind in ONE_PROCESS and devices != 1:
-        return (f"{kind} runs in one process in this runtime, not {devices} (stage {stage.get('id')}); "
-                "set `resources.devices: 1` on the step")
-    return None
-
-
 def missing(kind: str) -> str | None:
     """Why ``kind`` cannot run in this runtime, or None when it can."""
     fn = STAGES.get(kind)

@@ -348,16 +348,12 @@ def _sha256(path) -> str:
 
 
 def test_dry_run_of_a_plan_with_post_training_stages_exits_2(tmp_path):
-    """ministral3 has SFT, ODPO and GRPO stages: --dry-run answers 0/2 as promised, and says
-    what a real run of this install would refuse, instead of failing with exit 1."""
+    """ministral3 has SFT, ODPO and GRPO stages (grpo on 256 devices under fsdp): --dry-run answers
+    0/2 as promised, and a real run of this install would refuse none of them."""
     run = cascadec_subprocess("run", str(REPO / "specs" / "ministral3.yaml"), "--dry-run", "--workdir", "w", cwd=tmp_path)
     assert run.code == 2, run.err
     lines = run.out.splitlines()
     assert [line for line in lines if line.endswith("up to date.")] == ["45 to run, 0 up to date."]
     assert {line.split()[1].split("/")[0] for line in lines if line.startswith("run ")} >= {"sft", "odpo", "grpo"}
-    # every kind runs; grpo runs in one process yet, and the Ministral 3 spec gives it 256 devices
-    assert [line for line in lines if line.startswith("warning:")] == [
-        "warning: a run would refuse to start: grpo runs in one process in this runtime, not 256 "
-        "(stage grpo/ministral-3-14b/reasoning/grpo-stem); set `resources.devices: 1` on the step; "
-        "--only can select the stages that do not need it"]
+    assert [line for line in lines if line.startswith("warning:")] == []  # every kind runs on its launch
     assert not (tmp_path / "w").exists()  # a dry run writes nothing

@@ -23,17 +23,43 @@ takes its group's mean reward: advantage 0 before the minibatch normalisation (T
 Determinism: the prompt drawn at global slot g is `pairs.order`'s; sample k of it is drawn with
 seed derive(stage seed, "sample", step) and key G·g + k, and the next slot is saved with every
 step checkpoint. So a resumed run draws exactly the samples and prompts of an uninterrupted one.
-One process only in this runtime (the refill makes the processes' batches unequal).
-docs/runtime.md, "GRPO".
+
+Several processes (ddp or fsdp) make the update one process makes on the same plan:
+
+- A round is global: its candidate slots (the step's global_batch, then each refill's shortfall)
+  are cut into contiguous shares, one per process (`share`); each generates and scores its own.
+  Sample k of slot g keeps key G·g + k, so it does not depend on the process that drew it.
+- The processes then all-gather the round's completions and reward scores (`everyone`, in slot
+  order), so each knows the same kept list and the same next slot: the first kept groups in slot
+  order, exactly one process's, and the same number of rounds.
+- The update: process k trains on the k-th contiguous share of the kept groups (sizes differ by at
+  most one group). Advantages (the minibatch mean and std included) and the loss_type's weights
+  (per-group, per-sequence, the batch's token count or B·T_max) are computed by every process
+  over the whole kept batch, so the processes' losses sum to one process's loss; each multiplies
+  its loss by the number of processes, since DDP's all-reduce and FSDP's reduce-scatter average
+  the gradients. A process with fewer micro-batches (5 groups on 2 processes) runs extra ones on
+  a copy of the first completion with weight 0 and no counted token, so every process runs the
+  same number of forwards and backwards (FSDP's collectives; the gradients reduced on the last).
+- Metrics come from the gathered completions and scores (rewards, lengths, dropped share) and
+  from sums reduced over the processes (loss, clipped and scored tokens, entropy, KL); process 0
+  writes them once. Generation throughput: all tokens over the slowest process's seconds.
+- Under fsdp the policy is sharded as odpo's and samples come from a whole copy per process,
+  refreshed from the shards before each step (`odpo.sampler`); a beta > 0 reference is sharded
+  like odpo's (`pairs.frozen`). DCP step checkpoints carry the next slot and each process's RNG.
+
+The all-gather moves every completion's ids and text to every process once per round: a step's
+generated tokens × processes integers, small beside generating them. docs/runtime.md, "GRPO".
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
+from accelerate.utils import gather_object
 
 from cascadec import grpo as settings
 
@@ -41,10 +67,9 @@ from ..context import StageContext
 from ..data.chat import Example
 from ..rollout import rewards as rewarding
 from ..rollout.generate import Sampling, engine
-from ..training import loop, pairs, policy
-from ..training.models import load_model
+from ..training import fsdp, loop, pairs, policy
 from ..training.preference import scored_logps
-from .odpo import _lap, read_prompts
+from .odpo import _frozen_dtype, _lap, read_prompts, sampler
 
 SPLIT = ("generate_s", "reward_s", "update_s")  # where a step's time goes
 
@@ -57,54 +82,63 @@ def run(ctx: StageContext) -> dict:
     sampling = Sampling(temperature=float(gen.get("temperature", 1.0)), top_p=float(gen.get("top_p", 1.0)),
                         max_new_tokens=int(gen.get("max_new_tokens", 256)), stop=tuple(gen.get("stop") or ()))
 
-    # 1. The policy (trained), the reference only when beta > 0, the rewards; the prompts.
+    # 1. Processes; the policy (trained), the reference only when beta > 0, the rewards; the prompts.
     s = pairs.setup(ctx)
     accelerator, tokenizer, seed, steps, micro = s.accelerator, s.tokenizer, s.seed, s.steps, s.micro
-    if accelerator.num_processes != 1:  # the executor refuses such a plan first (registry.ONE_PROCESS)
-        raise ValueError(f"grpo runs in one process in this runtime, not {accelerator.num_processes} "
-                         f"(stage {ctx.stage.get('id')}); set `resources.devices: 1` on the step")
-    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    scored = functools.partial(TokenLogps, temperature=sampling.temperature or 1.0)  # greedy: T = 1
     reference = None
-    if o["beta"] > 0:
-        reference = load_model(s.policy_dir).to(device).eval().requires_grad_(False)
-    scorers = rewarding.build_rewards(config.get("judges") or {}, ctx.inputs, device=device)
+    if o["beta"] > 0:  # sharded like odpo's reference under fsdp (`pairs.frozen`)
+        reference = pairs.frozen(ctx, s, _frozen_dtype(s.compute), wrap=functools.partial(scored, entropy=False))
+    scorers = rewarding.build_rewards(config.get("judges") or {}, ctx.inputs, device=accelerator.device)
     weights = {name: w for name, (_, w) in scorers.items()}
     pool, _, counts = read_prompts(ctx, tokenizer, s.seq_len - sampling.max_new_tokens, 0, seed)
     order = pairs.order(len(pool), seed, bool(config["data"].get("shuffle", True)))
-    ctx.log(f"grpo: {len(pool):,} prompts, {steps} steps of {s.global_batch} groups of {group}, rewards "
-            f"{', '.join(f'{n} ×{w:g}' for n, w in weights.items())}, loss {o['loss_type']}, advantages "
-            f"{o['scale_rewards']}")
+    ctx.log(f"grpo: {len(pool):,} prompts, {steps} steps of {s.global_batch} groups of {group} on {world} "
+            f"process{'es' if world > 1 else ''}, rewards {', '.join(f'{n} ×{w:g}' for n, w in weights.items())}, "
+            f"loss {o['loss_type']}, advantages {o['scale_rewards']}")
 
-    # 2. Optimiser, schedule; the engine samples from the live weights.
-    objective, optimizer, scheduler = prepare(ctx, s)
-    policy_engine = engine(accelerator.unwrap_model(objective).model, tokenizer)
+    # 2. Optimiser, schedule; the engine samples from the live weights (under fsdp from a whole copy
+    #    per process, refreshed from the shards: odpo's `sampler`).
+    objective, optimizer, scheduler = pairs.prepare(ctx, s, wrap=scored)
+    policy_engine, refresh, _ = sampler(s, objective)
     workers = o["reward_workers"]
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if workers > 0 else None
     state = loop.StepState(slot=0)
     spent = dict.fromkeys(SPLIT, 0.0)
 
+    # 3. One step: rounds of generation over the global slots (each process a share), every kept
+    #    group known to every process, then each process's share of the update.
     def one_step(step: int):
         clock = time.perf_counter()
-        policy_engine.update(accelerator.unwrap_model(objective).model)
+        refresh()
         kept, seen = [], {"groups": 0, "dropped": 0, "rounds": 0, "tokens": 0, "generate_s": 0.0}
         samples_all, scores_all = [], {name: [] for name in scorers}
         while len(kept) < s.global_batch and seen["rounds"] <= o["refill_rounds"]:
             first = state.extra["slot"]
             slots = range(first, first + s.global_batch - len(kept))
             state.extra["slot"] = slots.stop
-            batch = [pool[order(g)] for g in slots]
+            lo, hi = share(len(slots), rank, world)
+            mine = slots[lo:hi]
+            prompts = [pool[order(g)] for g in mine for _ in range(group)]
             start = time.perf_counter()
-            with accelerator.autocast():
-                samples = policy_engine.generate([q.ids for q in batch for _ in range(group)], sampling,
-                                                 seed=pairs.derive(seed, "sample", step),
-                                                 keys=[group * g + k for g in slots for k in range(group)])
-            seen["generate_s"] += time.perf_counter() - start
-            seen["tokens"] += sum(len(c.ids) for c in samples)
+            samples = []
+            if mine:
+                with accelerator.autocast():
+                    samples = policy_engine.generate([q.ids for q in prompts], sampling,
+                                                     seed=pairs.derive(seed, "sample", step),
+                                                     keys=[group * g + k for g in mine for k in range(group)])
+            generating = time.perf_counter() - start
             clock = _lap(spent, "generate_s", clock)
-            prompts = [q for q in batch for _ in range(group)]
-            scores = rewarding.score(scorers, [q.messages for q in prompts], samples, columns(prompts),
-                                     workers=workers, pool=executor)
+            scores = {name: [] for name in scorers}
+            if mine:
+                scores = rewarding.score(scorers, [q.messages for q in prompts], samples, columns(prompts),
+                                         workers=workers, pool=executor)
+            samples, scores, slowest = everyone(accelerator, samples, scores, generating)  # in slot order
             clock = _lap(spent, "reward_s", clock)
+            seen["generate_s"] += slowest
+            seen["tokens"] += sum(len(c.ids) for c in samples)
+            batch = [pool[order(g)] for g in slots]
             totals = filled(rewarding.total(scores, weights), group)
             constant = policy.constant_groups(torch.tensor(totals, dtype=torch.float64), group).tolist()
             for j, q in enumerate(batch):
@@ -133,7 +167,7 @@ def run(ctx: StageContext) -> dict:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
 
-    # 3. The final model, in the plan's precision, with its tokenizer and chat template.
+    # 4. The final model, in the plan's precision, with its tokenizer and chat template.
     dtype = pairs.save(ctx, s, objective, done["metrics"])
     last = done["record"]
     keep = ("loss", "reward_mean", "reward_std", "dropped_share", "clip_low", "clip_high", "entropy", "mean_length",
@@ -142,7 +176,23 @@ def run(ctx: StageContext) -> dict:
             "epochs": round(order.epochs(state.extra["slot"]), 4), "group_size": group,
             "rewards": sorted(scorers), **{"final_" + k: last.get(k) for k in keep},
             **{k: round(v, 3) for k, v in spent.items()}, "resumed_from_step": done["start"],
-            "wall_s": round(done["wall"], 3), "processes": 1, "dtype": str(dtype).removeprefix("torch."), **counts}
+            "wall_s": round(done["wall"], 3), "processes": world, "dtype": str(dtype).removeprefix("torch."), **counts}
+
+
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi): process ``rank``'s contiguous share of ``n`` items, in order; shares differ by at most one
+    (the first n mod world processes take one more)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def everyone(accelerator, samples: list, scores: dict, seconds: float) -> tuple[list, dict, float]:
+    """Every process's samples and reward scores of a round, in slot order (process k holds the k-th
+    contiguous share), and the slowest process's generation seconds."""
+    if accelerator.num_processes == 1:
+        return samples, scores, seconds
+    parts = gather_object([(samples, scores, seconds)])
+    return ([c for part, _, _ in parts for c in part], {name: [v for _, sc, _ in parts for v in sc[name]] for name in scores},
+            max(t for _, _, t in parts))
 
 
 MAGISTRAL = settings.PRESETS[settings.DEFAULT_PRESET]  # a plan without a setting takes the default preset's
@@ -171,29 +221,19 @@ class TokenLogps(torch.nn.Module):
     Scored at the sampling temperature T, softmax(z / T), the distribution the samples were drawn
     from (as TRL does): the policy gradient is then ∇ log π_T. Scored at T = 1 while sampling at
     T ≠ 1, a negative advantage would hand the sampled token's mass out by π_1, which is not the
-    distribution the advantage was measured under. The entropy metric is π_T's too."""
+    distribution the advantage was measured under. The entropy metric is π_T's too; the frozen
+    reference (``entropy=False``) is scored at the same T."""
 
-    def __init__(self, model, chunk_tokens: int = 1024, temperature: float = 1.0):
+    def __init__(self, model, chunk_tokens: int = 1024, temperature: float = 1.0, entropy: bool = True):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.temperature = temperature
+        self.entropy = entropy
 
     def forward(self, input_ids, attention_mask, loss_mask):
         return scored_logps(self.model, input_ids, attention_mask, loss_mask, chunk_tokens=self.chunk_tokens,
-                            entropy=True, temperature=self.temperature)
-
-
-def prepare(ctx: StageContext, s: pairs.Setup):
-    """(objective, optimizer, scheduler): the policy as `TokenLogps`, prepared by Accelerate."""
-    config = ctx.config
-    if config.get("activation_checkpointing"):
-        s.model.activation_checkpointing_enable()
-    optimizer, scheduler = loop.make_optimizer(s.model, config.get("optimizer") or {}, config.get("schedule") or {},
-                                               s.steps)
-    temperature = float((config.get("generation") or {}).get("temperature", 1.0)) or 1.0
-    objective, optimizer = s.accelerator.prepare(TokenLogps(s.model, temperature=temperature).train(), optimizer)
-    return objective, optimizer, scheduler
+                            entropy=self.entropy, temperature=self.temperature)
 
 
 def columns(prompts: list) -> dict[str, list]:
@@ -224,14 +264,21 @@ def matrix(rows, cols, values, shape, device) -> torch.Tensor:
 
 def update(accelerator, objective, reference, kept: list, group: int, o: dict, *, micro: int, pad_id: int,
            max_new_tokens: int) -> dict:
-    """Forward and backward of the kept groups (no optimiser step); the loss and its metrics.
+    """Forward and backward of this process's share of the kept groups (no optimiser step); the
+    step's loss and metrics over every process.
 
-    Advantages and the normaliser's weights are computed over the whole batch first, so the cut
-    into micro-batches of ``micro`` completions changes nothing (`policy` module docstring).
+    ``kept`` is the step's whole kept list (the same on every process). Advantages and the
+    normaliser's weights are computed over all of it first, so neither the cut into micro-batches
+    of ``micro`` completions nor the share of each process changes anything (`policy` module
+    docstring): the processes' losses sum to one process's loss. Process k trains on the k-th
+    contiguous share of the groups (`share`); its loss is multiplied by the number of processes
+    because DDP and FSDP average the gradients. Every process runs as many forwards and backwards
+    (FSDP gathers each layer from all of them; a sharded reference too): one with fewer
+    micro-batches adds copies of the first completion with no weight and no counted token.
     """
     if not kept:
         return {"loss": None, "groups": 0, "clip_low": None, "clip_high": None, "entropy": None, "kl": None}
-    device = accelerator.device
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     examples = [Example(ids=[*q.ids, *c.ids], mask=[0] * len(q.ids) + [1] * len(c.ids))
                 for q, completions, _ in kept for c in completions]
     rewards = torch.tensor([r for _, _, totals in kept for r in totals], dtype=torch.float64)
@@ -241,36 +288,38 @@ def update(accelerator, objective, reference, kept: list, group: int, o: dict, *
     if o["mask_truncated_completions"]:
         counted[policy.truncated(finishes)] = 0.0
     weights = policy.sequence_weights(counted, group, o["loss_type"], max_completion_length=max_new_tokens).to(device)
-    totals = {"loss": 0.0, "tokens": 0.0, "low": 0.0, "high": 0.0, "kl": 0.0, "entropy": 0.0, "scored": 0.0}
-    temperature = accelerator.unwrap_model(objective).temperature  # the reference is scored as the policy is
-    for start in range(0, len(examples), micro):
-        end = start + micro
-        ids, attention, trained = pairs.padded(examples[start:end], pad_id, device)
+    shares = [share(len(kept), r, world) for r in range(world)]
+    lo, hi = (g * group for g in shares[rank])
+    calls = max(-(-(b - a) * group // micro) for a, b in shares)  # every process's forward count
+    totals = torch.zeros(7, dtype=torch.float64)  # loss, tokens, low, high, kl, entropy, scored
+    for m in range(calls):
+        start = lo + m * micro
+        real = start < hi
+        rows = range(start, min(start + micro, hi)) if real else range(1)
+        ids, attention, trained = pairs.padded([examples[i] for i in rows], pad_id, device)
         shape = (ids.shape[0], ids.shape[1] - 1)
-        mask = counted[start:end, :shape[1]].to(device)
-        with accelerator.autocast():
-            rows, cols, logps, entropy = objective(ids, attention, trained)
+        mask = counted[rows.start:rows.stop, :shape[1]].to(device) * float(real)
+        with pairs.synced(accelerator, objective, m == calls - 1), accelerator.autocast():
+            at, cols, logps, entropy = objective(ids, attention, trained)
             ref = None
             if reference is not None:
                 with torch.no_grad():
-                    ref = matrix(rows, cols, scored_logps(reference, ids, attention, trained,
-                                                          temperature=temperature)[2].float(), shape, device)
-            logp = matrix(rows, cols, logps.float(), shape, device)
-            parts = policy.token_loss(logp, logp.detach(), adv[start:end], mask, weights[start:end],
-                                      epsilon=o["epsilon"], epsilon_high=o["epsilon_high"], beta=o["beta"],
-                                      ref_logps=ref)
-            accelerator.backward(parts.loss)
-        totals["loss"] += float(parts.loss.detach())
-        totals["tokens"] += parts.tokens
-        totals["low"] += parts.clipped_low
-        totals["high"] += parts.clipped_high
-        totals["kl"] += parts.kl_sum
-        totals["entropy"] += float(entropy.sum())
-        totals["scored"] += entropy.numel()
-    tokens = max(totals["tokens"], 1.0)
-    return {"loss": totals["loss"], "groups": len(kept), "clip_low": totals["low"] / tokens,
-            "clip_high": totals["high"] / tokens, "kl": totals["kl"] / tokens,
-            "entropy": totals["entropy"] / max(totals["scored"], 1.0)}
+                    ref = matrix(at, cols, reference(ids, attention, trained)[2].float(), shape, device)
+                fsdp.reshard(reference)  # a sharded root keeps its gathered weights after forward otherwise
+            logp = matrix(at, cols, logps.float(), shape, device)
+            parts = policy.token_loss(logp, logp.detach(), adv[rows.start:rows.stop], mask,
+                                      weights[rows.start:rows.stop] * float(real), epsilon=o["epsilon"],
+                                      epsilon_high=o["epsilon_high"], beta=o["beta"], ref_logps=ref)
+            accelerator.backward(parts.loss * world)
+        if real:
+            totals += torch.tensor([float(parts.loss.detach()), parts.tokens, parts.clipped_low, parts.clipped_high,
+                                    parts.kl_sum, float(entropy.sum()), entropy.numel()], dtype=torch.float64)
+    if world > 1:
+        totals = accelerator.reduce(totals.to(device), "sum").cpu()
+    loss, tokens, low, high, kl, entropy, scored = totals.tolist()
+    tokens = max(tokens, 1.0)
+    return {"loss": loss, "groups": len(kept), "clip_low": low / tokens, "clip_high": high / tokens, "kl": kl / tokens,
+            "entropy": entropy / max(scored, 1.0)}
 
 
 def _shown(value) -> str:

@@ -76,17 +76,7 @@ def run(ctx: StageContext) -> dict:
     #    whole copy on each process (ranks decode different lengths, which sharded weights, gathered
     #    layer by layer in lockstep, cannot), refreshed from the shards before each generation.
     objective, optimizer, scheduler = pairs.prepare(ctx, s)
-    replica = None
-    if s.sharded:
-        replica = load_model(s.policy_dir, dtype=_frozen_dtype(s.compute)).to(device).eval().requires_grad_(False)
-    policy_engine = engine(replica if s.sharded else accelerator.unwrap_model(objective).model, tokenizer)
-
-    def refresh() -> None:
-        if s.sharded:
-            fsdp.copy_full(objective.model, replica)
-            policy_engine.update(replica)
-        else:
-            policy_engine.update(accelerator.unwrap_model(objective).model)
+    policy_engine, refresh, replica = sampler(s, objective)
     state = loop.StepState(win_rate_start=None)
     spent, latest = dict.fromkeys(SPLIT, 0.0), {"win_rate": None}  # latest: the last win rate measured
 
@@ -174,6 +164,31 @@ def run(ctx: StageContext) -> dict:
             **{"final_" + k: v for k, v in last.items() if k.startswith("reward_")},
             **{k: round(v, 3) for k, v in spent.items()}, "resumed_from_step": done["start"],
             "wall_s": round(done["wall"], 3), "processes": world, "dtype": str(dtype).removeprefix("torch."), **counts}
+
+
+def sampler(s: pairs.Setup, objective):
+    """(engine, refresh, replica) for sampling from the policy being trained (odpo and grpo).
+
+    Without fsdp the engine samples from the policy's own live weights. Under fsdp it samples from
+    a whole copy on each process, ``replica`` (in `_frozen_dtype`, bf16 on a GPU): ranks decode
+    different lengths, which sharded weights, gathered layer by layer in lockstep, cannot serve.
+    ``refresh()`` (every process, before each generation) copies the current weights into the
+    engine: from the shards one gathered parameter at a time (`fsdp.copy_full`) under fsdp."""
+    unwrap = s.accelerator.unwrap_model
+    replica = None
+    if s.sharded:
+        replica = load_model(s.policy_dir, dtype=_frozen_dtype(s.compute)).to(s.accelerator.device)
+        replica.eval().requires_grad_(False)
+    policy_engine = engine(replica if s.sharded else unwrap(objective).model, s.tokenizer)
+
+    def refresh() -> None:
+        if s.sharded:
+            fsdp.copy_full(objective.model, replica)
+            policy_engine.update(replica)
+        else:
+            policy_engine.update(unwrap(objective).model)
+
+    return policy_engine, refresh, replica
 
 
 def read_prompts(ctx: StageContext, tokenizer, longest: int, heldout: int, seed: int) -> tuple[list, list, dict]:

@@ -65,11 +65,7 @@ def setup(ctx: StageContext) -> Setup:
 
     from .models import load_model
 
-    from ..registry import unrunnable
-
     config = ctx.config
-    if why := unrunnable(ctx.stage):  # grpo on several devices, when a stage is started without the executor
-        raise ValueError(why)
     sharded = fsdp.strategy(ctx.stage) == "fsdp"
     if sharded and config.get("precision") == "fp16":
         raise ValueError("precision fp16 is not supported with strategy fsdp (the compiler refuses it: CSC251); "
@@ -80,7 +76,7 @@ def setup(ctx: StageContext) -> Setup:
     accelerator = loop.accelerator(ctx, "no" if sharded else compute)  # fsdp: its policy casts, not autocast
     own_group = sharded and fsdp.init_process_group(accelerator.device)
     set_seed(seed)
-    accum = per_process(global_batch, accelerator.num_processes, micro) // micro
+    accum = micro_batches(ctx.stage, global_batch, accelerator.num_processes, micro)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     empty = fsdp.empty_on_this_rank(ctx.stage)
     model = load_model(policy_dir, empty=empty)
@@ -91,30 +87,47 @@ def setup(ctx: StageContext) -> Setup:
                  sharded=sharded, own_group=own_group)
 
 
-def prepare(ctx: StageContext, s: Setup):
-    """(objective, optimizer, scheduler): the policy as `SequenceLogps`, prepared by Accelerate."""
+def micro_batches(stage: dict, global_batch: int, world: int, micro: int) -> int:
+    """Micro-batches per process and step, checked. dpo and odpo: ``micro`` pairs, of the step's
+    ``global_batch`` prompts. grpo: ``micro`` completions, of the step's global_batch prompts × G
+    samples (a step that drops groups trains on fewer: stages/grpo.py says how they are shared)."""
+    if stage.get("kind") != "grpo":
+        return per_process(global_batch, world, micro) // micro
+    group = int((stage["config"].get("generation") or {}).get("samples", 8))
+    completions = global_batch * group
+    if completions % (world * micro):
+        raise ValueError(f"grpo: global_batch {global_batch} prompts × {group} samples = {completions} completions "
+                         f"per step is not a multiple of micro_batch {micro} completions × {world} processes; set "
+                         f"micro_batch (completions per forward) so that micro_batch × {world} divides {completions}")
+    return completions // (world * micro)
+
+
+def prepare(ctx: StageContext, s: Setup, wrap=None):
+    """(objective, optimizer, scheduler): the policy as ``wrap(model)`` (by default `SequenceLogps`;
+    grpo's `TokenLogps`), sharded under fsdp, else prepared by Accelerate."""
     config = ctx.config
+    wrap = wrap or SequenceLogps
     if config.get("activation_checkpointing"):  # recompute each layer in backward (docs/plan.md, Estimates)
         s.model.activation_checkpointing_enable()
     opt_cfg, sched_cfg = config.get("optimizer") or {}, config.get("schedule") or {}
     if s.sharded:  # one unit per decoder layer; the optimiser is built on the shards
-        objective = fsdp.shard(SequenceLogps(s.model).train(), s.accelerator.device, mp=fsdp.policy(s.compute))
+        objective = fsdp.shard(wrap(s.model).train(), s.accelerator.device, mp=fsdp.policy(s.compute))
         optimizer, scheduler = loop.make_optimizer(objective.model, opt_cfg, sched_cfg, s.steps)
         return objective, optimizer, scheduler
     optimizer, scheduler = loop.make_optimizer(s.model, opt_cfg, sched_cfg, s.steps)
-    objective, optimizer = s.accelerator.prepare(SequenceLogps(s.model).train(), optimizer)
+    objective, optimizer = s.accelerator.prepare(wrap(s.model).train(), optimizer)
     return objective, optimizer, scheduler
 
 
-def frozen(ctx: StageContext, s: Setup, dtype) -> "SequenceLogps":
-    """The starting checkpoint, frozen, as a `SequenceLogps` scorer on every process: sharded like
-    distill's teacher under fsdp unless the plan's estimate says a whole copy fits
-    (`fsdp.teacher_sharded`), else whole on the device."""
+def frozen(ctx: StageContext, s: Setup, dtype, wrap=None) -> torch.nn.Module:
+    """The starting checkpoint, frozen, as a scorer on every process (``wrap(model)``, by default a
+    `SequenceLogps`; grpo's scores each token): sharded like distill's teacher under fsdp unless the
+    plan's estimate says a whole copy fits (`fsdp.teacher_sharded`), else whole on the device."""
     from .models import load_model
 
     shard, why = fsdp.teacher_sharded(ctx.stage)
     model = load_model(s.policy_dir, dtype=dtype, empty=fsdp.empty_on_this_rank(ctx.stage, teacher=True))
-    scorer = SequenceLogps(model).eval().requires_grad_(False)
+    scorer = (wrap or SequenceLogps)(model).eval().requires_grad_(False)
     if s.sharded:
         ctx.log(f"{ctx.stage.get('kind')}: reference {why}")
     return fsdp.shard(scorer, s.accelerator.device) if shard else scorer.to(s.accelerator.device)
@@ -221,12 +234,7 @@ def update(accelerator, objective, micros: list[Micro], *, beta: float, weight: 
     """
     parts: dict[str, list] = {k: [] for k in ("loss", "pi_a", "pi_b", "ref_a", "ref_b", "p")}
     for m, micro in enumerate(micros):
-        last = m == len(micros) - 1
-        if fsdp.is_sharded(objective):
-            sync = fsdp.gradient_sync(objective, last)
-        else:
-            sync = nullcontext() if last else accelerator.no_sync(objective)
-        with sync, accelerator.autocast():
+        with synced(accelerator, objective, m == len(micros) - 1), accelerator.autocast():
             both = objective(*padded(micro.a + micro.b, pad_id, accelerator.device))
             pi_a, pi_b = both[:len(micro.a)], both[len(micro.a):]
             loss = dpo_loss(pi_a, pi_b, micro.ref_a, micro.ref_b, beta=beta, p=micro.p)
@@ -236,6 +244,14 @@ def update(accelerator, objective, micros: list[Micro], *, beta: float, weight: 
                            ("ref_b", micro.ref_b), ("p", p)):
             parts[key].append(value.detach().float().to(accelerator.device))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def synced(accelerator, objective, last: bool):
+    """The context of one micro-batch's forward and backward: the gradients are reduced across
+    processes (DDP's all-reduce, FSDP's reduce-scatter) only on the step's ``last`` micro-batch."""
+    if fsdp.is_sharded(objective):
+        return fsdp.gradient_sync(objective, last)
+    return nullcontext() if last else accelerator.no_sync(objective)
 
 
 def summary(accelerator, parts: dict, beta: float) -> dict:

@@ -220,17 +220,6 @@ def test_unimplemented_kinds_fail_before_anything_runs(calls, monkeypatch, tmp_p
     assert calls == []
 
 
-def test_a_kind_under_a_strategy_it_cannot_run_fails_before_anything_runs(calls, tmp_path):
-    """A grpo stage planned on 8 devices is refused before the stages ahead of it spend their hours."""
-    late = stage("b", ["a"], kind="grpo")
-    late["launch"] = {"devices": 8, "nodes": 1, "launcher": "accelerate", "strategy": "fsdp"}
-    plan = plan_of(stage("a"), late)
-    assert run(plan, tmp_path) == (1, ["error: grpo runs in one process in this runtime, not 8 (stage b); "
-                                       "set `resources.devices: 1` on the step; "
-                                       "--only can select the stages that do not need it"])
-    assert calls == []
-
-
 def test_disk_full_while_storing_leaves_the_old_outputs(calls, monkeypatch, tmp_path):
     run(chain(), tmp_path)
     plan = plan_of(stage("a", config={"v": 2}))
@@ -449,6 +438,21 @@ def test_multi_device_stages_go_through_accelerate_launch(calls, monkeypatch, tm
     failing = plan_of(stage("a", config={"exit": 3}, launch={"devices": 2, "launcher": "accelerate"}))
     assert executor.run_plan(failing, tmp_path, tmp_path, out=lines.append) == 1
     assert lines[-1].startswith("error: stage a failed: `accelerate launch` exited with status 3")
+
+
+def test_a_grpo_stage_on_several_devices_under_fsdp_is_accepted_and_launched(calls, monkeypatch, tmp_path):
+    """grpo runs on several processes (ddp and fsdp: runtime/stages/grpo.py), so the Ministral 3
+    spec's grpo stages are not refused: the plan runs and the stage goes through the launcher."""
+    launched = []
+    monkeypatch.setattr(executor, "launch_command", lambda st, ctx_json: launched.append(st["launch"]) or
+                        [sys.executable, "-c", FAKE_STAGE_MAIN, str(ctx_json)])
+    late = stage("b", ["a"], kind="grpo", launch={"devices": 8, "nodes": 1, "launcher": "accelerate",
+                                                  "strategy": "fsdp"})
+    plan = plan_of(stage("a"), late)
+    assert run(plan, tmp_path, dry_run=True) == (2, ["run   a  (new)", "run   b  (new)", "2 to run, 0 up to date."])
+    assert run(plan, tmp_path)[0] == 0
+    assert calls == ["a"] and launched == [late["launch"]]
+    assert json.loads((tmp_path / "stages/b/manifest.json").read_text())["tokens_seen"] == 99
 
 
 def test_launch_command():

@@ -1,6 +1,7 @@
 """The grpo stage on a tiny policy with an exact-answer reward (`grporewards.exact`): the reward
-rises, SIGKILL then resume gives identical weights, it runs through the executor, and the plan's
-settings reach the arithmetic."""
+rises, SIGKILL then resume gives identical weights, two processes (ddp, fsdp) make one process's
+update, an fsdp run stopped and relaunched reaches the uninterrupted weights, it runs through the
+executor, and the plan's settings reach the arithmetic."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tinymodels import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cascadec.runtime import executor
+from cascadec.runtime import executor, preempt
 from cascadec.runtime.context import StageContext
 from cascadec.runtime.stages import grpo
 
@@ -155,6 +156,78 @@ def test_sigkill_mid_grpo_then_resume_gives_identical_weights(policy, prompts, t
     assert [{k: r.get(k) for k in keep} for r in records(reference.out)] == \
            [{k: r.get(k) for k in keep} for r in records(run / "out")]
     AutoModelForCausalLM.from_pretrained(run / "out" / "model")
+
+
+def two_processes(tmp: Path, st: dict, policy: Path, prompts: dict, strategy: str) -> tuple[StageContext, list]:
+    """A context for ``st`` launched on 2 gloo processes (`accelerate launch`), and its log lines."""
+    launched = {**st, "launch": {"devices": 2, "nodes": 1, "launcher": "accelerate", "strategy": strategy},
+                "estimate": {"memory_gb": 100, "device_memory_gb": 80}}  # no room for a whole reference
+    ctx = context(tmp, launched, policy, prompts)
+    ctx.scratch.mkdir(parents=True)
+    lines = []
+    ctx.log = lines.append
+    return ctx, lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(policy, prompts, tmp_path, strategy):
+    """3 groups of 8 per step: a round's slots are shared 1 + 2 over the processes, constant groups
+    are dropped and refilled from the next slots (the kept list and the refills are global), then
+    the 3 kept groups are trained 1 + 2 (micro-batches of 4: 2 on one process, 4 on the other,
+    which pads with 2 weightless ones). Same samples, same global normalisers: the same metrics,
+    the loss within 1e-5 relative and the weights within 1e-5 absolute (the gradient reduction sums
+    in another order); the gradient norm too, which Adam's scale invariance would otherwise hide
+(a gradient half the size moves the weights by almost as much). ddp: TRL's dapo (the batch's token count); fsdp: the magistral normaliser
+    with a beta > 0 reference, which the plan's estimate has sharded."""
+    options = {"loss_type": "dapo"} if strategy == "ddp" else {"beta": 0.04}
+    st = stage(steps=3, global_batch=3, micro_batch=4, **options,
+               optimizer={**GRPO["config"]["optimizer"], "lr": 1e-3, "min_lr": 1e-3})
+    one = context(tmp_path / "one", st, policy, prompts)
+    grpo.run(one)
+    two, lines = two_processes(tmp_path / "two", st, policy, prompts, strategy)
+    result = executor._spawn(two)
+    assert result["processes"] == 2, "\n".join(lines[-40:])
+    first, second = records(one.out), records(two.out)
+    assert any(r["dropped_share"] > 0 and r["refill_rounds"] > 0 for r in first)  # dropped, then refilled
+    assert any(r["groups"] % 2 for r in first)  # kept groups that 2 processes cannot share evenly
+    exact = ("step", "prompts", "groups", "groups_generated", "dropped_share", "refill_rounds", "reward_mean",
+             "reward_std", "reward/exact/mean", "mean_length", "truncated_share", "clip_low", "clip_high")
+    assert [{k: r.get(k) for k in exact} for r in second] == [{k: r.get(k) for k in exact} for r in first]
+    for key in ("loss", "grad_norm", "entropy", "kl"):  # None on a step that kept no group
+        assert [r[key] is None for r in second] == [r[key] is None for r in first], key
+        assert [r[key] for r in second if r[key] is not None] == \
+               pytest.approx([r[key] for r in first if r[key] is not None], rel=1e-5, abs=1e-9), key
+    a, b = weights(one.out), weights(two.out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert any(not torch.equal(v, b[k]) for k, v in load_file(str(policy / "model.safetensors")).items())
+    if strategy == "fsdp":
+        assert any("reference sharded: the plan's estimate" in line for line in lines), "\n".join(lines[-40:])
+    AutoModelForCausalLM.from_pretrained(two.out / "model")
+
+
+@pytest.mark.slow
+def test_fsdp_stopped_then_resumed_gives_the_uninterrupted_weights(policy, prompts, tmp_path):
+    """Two fsdp processes stopped after step 1 (a DCP step checkpoint: shards, optimiser, schedule,
+    the next slot, RNG) and relaunched reach exactly the weights of an uninterrupted two-process run,
+    with the same metrics."""
+    st = stage(steps=3, global_batch=3, micro_batch=4, checkpoint={"every_steps": 100, "keep": 2})
+    whole, _ = two_processes(tmp_path / "whole", st, policy, prompts, "fsdp")
+    executor._spawn(whole)
+    run, lines = two_processes(tmp_path / "run", st, policy, prompts, "fsdp")
+    (run.scratch / preempt.STOP_FILE).write_text("")  # asked before it starts: it stops after step 1
+    with pytest.raises(preempt.Preempted):
+        executor._spawn(run)
+    preempt.clear(run.scratch)
+    result = executor._spawn(run)
+    assert result["resumed_from_step"] == 1, "\n".join(lines[-40:])
+    a, b = weights(whole.out), weights(run.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keep = ("loss", "reward_mean", "prompts", "dropped_share", "groups", "mean_length")
+    assert [{k: r.get(k) for k in keep} for r in records(whole.out)] == \
+           [{k: r.get(k) for k in keep} for r in records(run.out)]
 
 
 @pytest.mark.slow
