@@ -355,15 +355,21 @@ def run(spec: FamilySpec, doc: Document) -> list[Diagnostic]:
     boots = [(m.bootstrap, f"bootstrap of '{m.name}'") for m in spec.models.values() if m.bootstrap is not None]
     for t, what in boots + [(t, f"'{ref}'") for _, _, t, ref in resolve.trainings(spec)]:
         g, micro, devices = (t.settings[k] for k in ("batch.global", "batch.micro", "resources.devices"))
+        keys = ("batch.global", "batch.micro", "resources.devices")
+        batch, fix = f"global batch {g}", f"set `batch.global` to a multiple of {micro * devices}"
+        if getattr(t, "kind", None) == "grpo":  # its micro batch counts completions: G per prompt
+            samples = t.settings["generation.samples"]
+            keys, g = (*keys, "generation.samples"), g * samples
+            batch = f"global batch {g // samples} prompts x {samples} samples = {g} completions"
+            fix = (f"grpo's `batch.micro` counts completions: set `batch.global` x `generation.samples` to a multiple "
+                   f"of {micro * devices}")
         if g % (micro * devices):
-            keys = ("batch.global", "batch.micro", "resources.devices")
             set_at = {k: t.settings.at[k] for k in keys if k in t.settings.at}
             # point at the value set closest to this training (the likeliest edit); name the others
             nearest = max(set_at, key=lambda k: (len(set_at[k]), -keys.index(k)), default=None)
-            diag("CSC223", f"{what}: global batch {g} is not a multiple of micro batch {micro} x {devices} devices",
+            diag("CSC223", f"{what}: {batch} is not a multiple of micro batch {micro} x {devices} devices",
                  set_at[nearest] if nearest else t.at,
-                 f"set `batch.global` to a multiple of {micro * devices}, or change `batch.micro` or "
-                 "`resources.devices`",
+                 f"{fix}, or change `batch.micro` or `resources.devices`",
                  notes=[f"{k} = {t.settings[k]} " + (f"is set at {where(set_at[k])} (line {doc.span(set_at[k]).line})"
                                                      if k in set_at else "is the default")
                         for k in keys if k != nearest])

@@ -49,3 +49,18 @@ def test_trl_names_and_preset_reach_the_plan_with_their_provenance():
 def test_clip_is_cascadecs_spelling_of_epsilon():
     c = planned(", clip: {low: 0.1, high: 0.3}, loss_type: dr_grpo, scale_rewards: none")["config"]
     assert (c["epsilon"], c["epsilon_high"], c["loss_type"], c["scale_rewards"]) == (0.1, 0.3, "dr_grpo", "none")
+
+
+def test_a_grpo_micro_batch_counts_completions_over_the_devices():
+    """batch {global: 16, micro: 4} over 8 devices: 16 prompts are not 4 × 8, but their 16 × 8
+    completions are, and grpo's micro batch counts completions, so the plan is made; 3 devices
+    with 4 samples (64 completions, not a multiple of 12) are refused in grpo's words."""
+    s = planned(", resources: {devices: 8, strategy: fsdp}, generation: {samples: 8}")
+    assert (s["config"]["global_batch"], s["config"]["micro_batch"], s["launch"]["devices"]) == (16, 4, 8)
+    diags, _ = outcome(BASE.replace("SETTINGS", ", resources: {devices: 3}, generation: {samples: 4}"))
+    assert [str(d) for d in diags] == [
+        "23:130: error[CSC223]: 'small/reasoning/grpo': global batch 16 prompts x 4 samples = 64 completions is not a "
+        "multiple of micro batch 4 x 3 devices | grpo's `batch.micro` counts completions: set `batch.global` x "
+        "`generation.samples` to a multiple of 12, or change `batch.micro` or `resources.devices` | notes: "
+        "batch.global = 16 is set at defaults.batch.global (line 12); batch.micro = 4 is set at defaults.batch.micro "
+        "(line 12); generation.samples = 4 is set at children[0].variants.reasoning[0].generation.samples (line 23)"]

@@ -263,6 +263,25 @@ def test_a_completion_no_reward_applies_to_takes_its_groups_mean():
     assert grpo.filled([None, None], 2) == [0.0, 0.0]
 
 
+def test_micro_batch_counts_completions_and_shares_are_contiguous():
+    """grpo's micro_batch counts completions (global_batch × G), dpo's and odpo's pairs; a process's
+    share of a round's slots, or of the kept groups, is contiguous and at most one item longer."""
+    from cascadec.runtime.training import pairs
+
+    st = stage(global_batch=3, micro_batch=4)
+    assert pairs.micro_batches(st, 3, 2, 4) == 3  # 24 completions: 3 micro-batches of 4 per process
+    with pytest.raises(ValueError) as caught:
+        pairs.micro_batches(st, 3, 2, 5)
+    assert str(caught.value) == ("grpo: global_batch 3 prompts × 8 samples = 24 completions per step is not a multiple "
+                                 "of micro_batch 5 completions × 2 processes; set micro_batch (completions per "
+                                 "forward) so that micro_batch × 2 divides 24")
+    assert pairs.micro_batches({"kind": "odpo", "config": {}}, 8, 2, 4) == 1
+    with pytest.raises(ValueError, match=r"^global_batch 3 is not a multiple of micro_batch 4 × 2 processes$"):
+        pairs.micro_batches({"kind": "odpo", "config": {}}, 3, 2, 4)
+    assert [grpo.share(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
+    assert [grpo.share(2, r, 3) for r in range(3)] == [(0, 0), (0, 1), (1, 2)]
+
+
 def test_options_default_to_the_magistral_preset_and_refuse_bad_names():
     assert grpo.options({}) == {"beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28, "loss_type": "magistral",
                                 "scale_rewards": "minibatch", "mask_truncated_completions": False,
