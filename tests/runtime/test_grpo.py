@@ -213,7 +213,7 @@ def test_fsdp_stopped_then_resumed_gives_the_uninterrupted_weights(policy, promp
     """Two fsdp processes stopped after step 1 (a DCP step checkpoint: shards, optimiser, schedule,
     the next slot, RNG) and relaunched reach exactly the weights of an uninterrupted two-process run,
     with the same metrics."""
-    st = stage(steps=3, global_batch=3, micro_batch=4, checkpoint={"every_steps": 100, "keep": 2})
+    st = stage(steps=2, global_batch=3, micro_batch=4, checkpoint={"every_steps": 100, "keep": 2})
     whole, _ = two_processes(tmp_path / "whole", st, policy, prompts, "fsdp")
     executor._spawn(whole)
     run, lines = two_processes(tmp_path / "run", st, policy, prompts, "fsdp")
