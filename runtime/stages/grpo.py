@@ -66,7 +66,7 @@ from cascadec import grpo as settings
 from ..context import StageContext
 from ..data.chat import Example
 from ..rollout import rewards as rewarding
-from ..rollout.generate import Sampling, engine
+from ..rollout.generate import Sampling
 from ..training import fsdp, loop, pairs, policy
 from ..training.preference import scored_logps
 from .odpo import _frozen_dtype, _lap, read_prompts, sampler
