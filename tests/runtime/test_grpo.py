@@ -179,8 +179,9 @@ def test_two_processes_match_one(policy, prompts, tmp_path, strategy):
     the loss within 1e-5 relative and the weights within 1e-5 absolute (the gradient reduction sums
     in another order); the gradient norm too, which Adam's scale invariance would otherwise hide
 (a gradient half the size moves the weights by almost as much). ddp: TRL's dapo (the batch's token count); fsdp: the magistral normaliser
-    with a beta > 0 reference, which the plan's estimate has sharded."""
-    options = {"loss_type": "dapo"} if strategy == "ddp" else {"beta": 0.04}
+    with a beta > 0 reference, which the plan's estimate has sharded, both scored at T = 0.8."""
+    options = {"loss_type": "dapo"} if strategy == "ddp" else {
+        "beta": 0.04, "generation": {**GRPO["config"]["generation"], "temperature": 0.8}}
     st = stage(steps=3, global_batch=3, micro_batch=4, **options,
                optimizer={**GRPO["config"]["optimizer"], "lr": 1e-3, "min_lr": 1e-3})
     one = context(tmp_path / "one", st, policy, prompts)
