@@ -17,6 +17,7 @@ from cascadec.text import si
 
 TRAINING = ("bootstrap", "distill", "control", "sft", "dpo", "odpo", "grpo")
 POST_TRAINING = ("sft", "dpo", "odpo", "grpo")  # a variant's steps: <kind>/<child>/<variant>/<step>
+PREFERENCE = ("dpo", "odpo", "grpo")  # their loss is a policy objective, not a next-token loss
 
 
 def _read_json(path: Path):
@@ -133,6 +134,10 @@ def variants(plan: dict, workdir: Path, children: list[dict], scored: dict) -> d
                      "accuracy": scores(c["root"])})
         rows.append({"child": name, "variant": "base", "step": final.split("/", 1)[1] if final else None,
                      "kind": "distill", "checkpoint": final, "accuracy": scores(final) if final else None})
+        # the spec's order (instruct before reasoning, steps in turn): the child's eval lists them so
+        listed = next((s["config"]["checkpoints"] for s in plan["stages"] if s["id"] == f"eval/{name}"), [])
+        rank = {n: i for i, n in enumerate(listed)}
+        mine.sort(key=lambda s: rank.get(s["id"].split("/", 1)[1], len(rank)))
         order = list(dict.fromkeys(s["id"].split("/")[2] for s in mine))
         for variant in order:
             for s in (s for s in mine if s["id"].split("/")[2] == variant):
@@ -189,14 +194,15 @@ def plots(data: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         for ax, (prefix, title) in zip(axes, panels):
             for sid, points in sorted(data["curves"].items()):
-                if sid.startswith("distill/") != bool(prefix):
-                    continue
+                if sid.startswith("distill/") != bool(prefix) or sid.split("/")[0] in PREFERENCE:
+                    continue  # a preference or policy loss is no cross-entropy: reward_curves.png has those stages
                 kept = [p for p in points if p[1] is not None]
                 ax.plot([p[0] for p in kept], [p[1] for p in kept], label=sid, linewidth=1)
             ax.set_xlabel("tokens into the stage")
             ax.set_yscale("log")
             ax.set_title(title)
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
         fig.suptitle(f"{data['family']}: training loss per stage")
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png", dpi=110)

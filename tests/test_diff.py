@@ -15,12 +15,12 @@ from cascadec.diff import _arrow, _count, spec_changes
 TINY = (REPO / "specs" / "tiny.yaml").read_text()
 EDITS = {  # name -> (spec edit, what the summary must say)
     "tokens": ((("tokens: 12%", "tokens: 15%"),),
-               "Plan: 13 stages changed, 8 invalidated downstream, 0 added, 0 removed; 21 of 27 stages would rerun "
-               "(0.55 of 0.83 device-hours)."),
+               "Plan: 13 stages changed, 23 invalidated downstream, 0 added, 0 removed; 36 of 44 stages would rerun "
+               "(1.02 of 1.31 device-hours)."),
     "control-off": ((("    pruning: {hidden: pca, ffn: activation, heads: query}\n    control: [equal-tokens, compute-matched]",
                       "    pruning: {hidden: pca, ffn: activation, heads: query}\n    control: equal-tokens"),),
-                    "Plan: 1 stage changed, 2 invalidated downstream, 0 added, 1 removed; 3 of 26 stages would rerun "
-                    "(0.00 of 0.64 device-hours)."),
+                    "Plan: 1 stage changed, 2 invalidated downstream, 0 added, 1 removed; 3 of 43 stages would rerun "
+                    "(0.01 of 1.12 device-hours)."),
 }
 
 

@@ -129,7 +129,10 @@ def test_eval_contexts_score_the_same_first_tokens_at_each_length(tmp_path):
     assert tiny["tokens"] == 32_768
     assert tiny["contexts"] == [{"seq_len": 128, "tokens": 32_768, "micro_batch": 128},
                                 {"seq_len": 512, "tokens": 32_768, "micro_batch": 32}]
+    # the variants are grown from the long phase: they have seen 512 tokens of context
     assert tiny["trained_context"] == {"tiny-a/pruned": 128, "tiny-a/short": 128, "tiny-a/long": 512,
+                                       **{f"tiny-a/{v}": 512 for v in ("instruct/sft", "instruct/odpo", "reasoning/sft",
+                                                                       "reasoning/grpo", "reasoning/odpo")},
                                        "tiny-a/control/equal-tokens": 128}
 
 

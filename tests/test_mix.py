@@ -71,7 +71,8 @@ def test_each_stage_gets_exact_per_source_windows_that_follow_each_other(tmp_pat
     first = readers[0]["config"]["data"]["sources"]  # 175 steps x 16 = 2,800 sequences: 280 periods
     assert (first["web"]["sequences"], first["code"]["sequences"]) == (1960, 840)
     tokenize = sorted(s["id"] for s in plan["stages"] if s["kind"] == "tokenize")
-    assert tokenize == ["tokenize/code/parent", "tokenize/stdlib-heldout/parent", "tokenize/web/parent"]
+    assert tokenize == ["tokenize/code/parent", "tokenize/stdlib-heldout/parent", "tokenize/tasks-sft-think/parent",
+                        "tokenize/tasks-sft/parent", "tokenize/web/parent"]
     control = next(s for s in plan["stages"] if s["id"] == "control/tiny-a/equal-tokens")["config"]
     assert {k: v["offset"] for k, v in control["data"]["sources"].items()} == {"code": 0, "web": 0}
     assert sum(v["tokens"] for v in control["data"]["sources"].values()) == control["tokens"]

@@ -59,16 +59,12 @@ def _accuracy(acc: float, k: float, length: float, loops: float, **per_task: flo
     return {"cascadec_tasks_tasks_heldout": {**row, **{f"{t}/accuracy": v for t, v in per_task.items()}}}
 
 
-import pytest  # noqa: E402  (temporary: until specs/tiny.yaml has its variants)
-
-
-@pytest.mark.skip(reason="specs/tiny.yaml's variants land in the next commit")
 def test_report_shows_every_variant_step_with_accuracy_win_rate_and_reward(tmp_path):
     plan = _plan()
     ws = tmp_path / "ws"
-    steps = [s["id"] for s in plan["stages"] if s["kind"] in report.POST_TRAINING and s["id"].split("/")[1] == "tiny-c"]
-    assert steps == ["sft/tiny-c/instruct/sft", "odpo/tiny-c/instruct/odpo", "sft/tiny-c/reasoning/sft",
-                     "grpo/tiny-c/reasoning/grpo", "odpo/tiny-c/reasoning/odpo"]
+    steps = {s["id"] for s in plan["stages"] if s["kind"] in report.POST_TRAINING and s["id"].split("/")[1] == "tiny-c"}
+    assert steps == {"sft/tiny-c/instruct/sft", "odpo/tiny-c/instruct/odpo", "sft/tiny-c/reasoning/sft",
+                     "grpo/tiny-c/reasoning/grpo", "odpo/tiny-c/reasoning/odpo"}
     _write(ws, "eval/parent", {"parent": {**_score(3.9, 4.5, 128), "harness": _accuracy(0.0, 0.0, 64.0, 0.5)}})
     _write(ws, "eval/tiny-c", {
         "tiny-c/long": {**_score(4.5, 4.25, 512), "harness": _accuracy(0.01, 0.02, 64.0, 0.25, expr=0.0, sort=0.04)},
