@@ -1,7 +1,9 @@
 """The family report: one table per child (parameters, tokens, held-out loss beside the parent's,
 the freshly pruned model's and the from-scratch controls' (equal tokens, compute-matched)), the
 held-out loss of every checkpoint at each eval context length, loss curves per training stage, the
-DAG as Mermaid, and the plan's estimates beside what the run really spent.
+post-training variants (held-out task accuracy base → SFT → GRPO → ODPO beside the parent, judge
+win rates, GRPO reward curves), the DAG as Mermaid, and the plan's estimates beside what the run
+really spent.
 
 Reads a workspace (eval.json, metrics.jsonl and manifest.json of each stage) and the plan; it
 trains nothing. Used by the `report` stage and by `cascadec report`.
