@@ -1,9 +1,14 @@
-"""Building distill stage dicts and contexts for runtime tests (CPU, tiny shapes)."""
+"""Building stage dicts and contexts for runtime tests (CPU, tiny shapes): distill stages, and the
+on-policy stages (odpo, grpo) that read a `prompts` source; their metrics and saved weights."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from cascadec.runtime.context import StageContext
 
@@ -69,3 +74,31 @@ def kill_then_resume(ctx_json: Path, ready) -> tuple[int, dict]:
     killed_at = sorted((run / "scratch" / "checkpoints").glob("step-*"))[-1].name
     subprocess.run(command, check=True, capture_output=True)
     return int(killed_at.split("-")[1]), json.loads((run / "result.json").read_text())
+
+
+def prompts_stage(base: dict, **config) -> dict:
+    """An odpo/grpo stage dict: ``base`` with ``config`` set, and as many prompts as its steps read."""
+    out = copy.deepcopy(base)
+    out["config"].update(config)
+    out["config"]["prompts"] = out["config"]["steps"] * out["config"]["global_batch"]
+    return out
+
+
+def prompts_context(tmp: Path, st: dict, policy: Path, prompts: dict) -> StageContext:
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    return StageContext(stage=st, inputs={"policy": policy}, data={"prompts": prompts}, out=tmp / "out",
+                        scratch=tmp / "scratch", log=lambda msg: None)
+
+
+def importable(monkeypatch, folder: Path) -> None:
+    """Let the stage (and the processes it launches) import the test modules a plan names."""
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "model" / "model.safetensors"))

@@ -3,7 +3,6 @@ against the starting policy rises, SIGKILL then resume is bit-identical, two pro
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -15,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from stagekit import importable, prompts_stage, records, weights
+from stagekit import prompts_context as context
 from tinymodels import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cascadec.runtime import executor, preempt
-from cascadec.runtime.context import StageContext
 from cascadec.runtime.data.chat import DEFAULT_TEMPLATE
 from cascadec.runtime.stages import odpo
 
@@ -66,29 +66,11 @@ def prompts(tmp_path_factory) -> dict:
 
 @pytest.fixture(autouse=True)
 def judges_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    importable(monkeypatch, HERE)
 
 
 def stage(**config) -> dict:
-    out = copy.deepcopy(ODPO)
-    out["config"].update(config)
-    out["config"]["prompts"] = out["config"]["steps"] * out["config"]["global_batch"]
-    return out
-
-
-def context(tmp: Path, st: dict, policy: Path, prompts: dict) -> StageContext:
-    (tmp / "out").mkdir(parents=True, exist_ok=True)
-    return StageContext(stage=st, inputs={"policy": policy}, data={"prompts": prompts}, out=tmp / "out",
-                        scratch=tmp / "scratch", log=lambda msg: None)
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(out: Path) -> dict:
-    return load_file(str(out / "model" / "model.safetensors"))
+    return prompts_stage(ODPO, **config)
 
 
 @pytest.mark.slow
